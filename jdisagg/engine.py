@@ -1,0 +1,619 @@
+"""The engine: requests in, tokens out, with prefill and decode on their own meshes.
+
+Data flows one way through four kinds of threads joined by queues::
+
+    submit ─► waiting ─► prefill thread (per prefill replica) ─► transfer thread ─► decode thread (per
+    decode replica) ─► detokenize thread ─► RequestStream
+
+- prefill: picks the least-loaded decode replica that has pages for the prompt, reserves them, dispatches
+  the prefill program (asynchronously: the next prompt can be dispatched while this one runs).
+- transfer: waits for the first token and streams it (TTFT does not wait for the KV hand-off), then moves
+  the KV with ``jax.device_put`` to the decode replica's sharding and hands it to that replica.
+- decode: inserts arriving KV into pages, grows and preempts, runs one step for every running sequence
+  (continuous batching), applies stop rules that need no text.
+- detokenize: incremental text, stop strings, the final ``Output``.
+
+Whoever holds a request's pages frees them when it ends the request, before reporting the finish, so a
+finished stream never leaves pages behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jdisagg.compile_counter import compile_count
+from jdisagg.kv_cache import OutOfPages, pages_needed
+from jdisagg.meshes import PHASE_RULES, Layout, build_layout, check_fits
+from jdisagg.metrics import EngineMetrics
+from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
+from jdisagg.programs import power_of_two_buckets
+from jdisagg.replicas import DecodeReplica, ModelShape, PrefillReplica, SamplingRow, place_params
+from jdisagg.requests import Request, RequestStream
+from jdisagg.sampling_params import SamplingParams
+from jdisagg.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("jdisagg.engine")
+
+_IDLE_POLL_S = 0.02
+
+
+class QueueFullError(RuntimeError):
+    """The admission queue is full: back off and retry (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and takes no new requests (gRPC: UNAVAILABLE)."""
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A request on a decode replica, with the pages it owns there."""
+
+    request: Request
+    pages: list[int]
+    order: int  # admission order: the youngest is preempted first
+
+
+@dataclass(eq=False)
+class _Handoff:
+    request: Request
+    replica: DecodeReplica
+    pages: list[int]
+    token: jax.Array
+    k: jax.Array
+    v: jax.Array
+
+
+@dataclass
+class _DetokState:
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    emitted: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    stopped: bool = False
+
+
+def _load(model: Any, tokenizer: Tokenizer | None) -> tuple[nnx.Module, Tokenizer]:
+    """Resolve ``model``: None (built-in demo), a checkpoint directory, or a ready ``nnx.Module``."""
+    from jdisagg.models import loading
+    from jdisagg.models.demo import load_demo_model
+    from jdisagg.tokenizer import ByteTokenizer, load_tokenizer
+
+    if model is None:
+        return load_demo_model(), tokenizer or ByteTokenizer()
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.is_dir():
+            raise ValueError(f"model directory {str(path)!r} does not exist")
+        if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
+            module = loading.load_hf_model(path)
+        else:
+            module = loading.restore_checkpoint(path)
+        return module, tokenizer or load_tokenizer(path)
+    if tokenizer is None:
+        raise ValueError("a model passed as a module needs a tokenizer (Engine(model, tokenizer=...))")
+    return model, tokenizer
+
+
+class Engine:
+    """Disaggregated serving engine. Construction loads, places and compiles everything; then it serves.
+
+    Args:
+        model: None for the built-in demo model, a directory (HF safetensors or a jdisagg/orbax checkpoint),
+            or an ``nnx.Module`` implementing ``jdisagg.models.protocol.ServingModel`` (bring your own).
+        prefill_mesh / decode_mesh: ``TPxDP`` specs, e.g. ``"4x1"`` and ``"2x2"``.
+        colocate: run both phases on the same devices (the baseline disaggregation is measured against).
+        page_size: tokens per KV page. num_pages: pages per decode replica (default: every batch slot can
+            hold a full context). max_batch: sequences per decode replica and step.
+        max_context: longest sequence (prompt + output), a multiple of ``page_size``.
+        max_queue: waiting requests before ``submit`` raises ``QueueFullError``.
+        attention_backend: paged-attention backend for ``jdisagg.kernels`` (None: by platform).
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        tokenizer: Tokenizer | None = None,
+        prefill_mesh: str = "1x1",
+        decode_mesh: str = "1x1",
+        colocate: bool = False,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        max_batch: int = 8,
+        max_context: int | None = None,
+        max_queue: int = 256,
+        attention_backend: str | None = None,
+        progress: bool = True,
+        devices: Sequence[jax.Device] | None = None,
+    ) -> None:
+        self.layout: Layout = build_layout(prefill_mesh, decode_mesh, colocate=colocate, devices=devices)
+        module, self.tokenizer = _load(model, tokenizer)
+        self.config = config = module.config
+        for phase in (self.layout.prefill, self.layout.decode):
+            check_fits(phase.spec, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                       phase=phase.name)
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_context = max_context or min(config.max_position_embeddings, 1024)
+        if self.max_context % page_size or self.max_context > config.max_position_embeddings:
+            raise ValueError(
+                f"max_context={self.max_context} must be a multiple of page_size={page_size} and at most the "
+                f"model's {config.max_position_embeddings} positions"
+            )
+        self.page_size, self.max_batch, self.max_queue = page_size, max_batch, max_queue
+        max_pages = self.max_context // page_size
+        num_pages = num_pages or max_batch * max_pages + 1
+        if num_pages - 1 < max_pages:
+            raise ValueError(
+                f"num_pages={num_pages} cannot hold one full context ({max_pages} pages + 1 scratch page)"
+            )
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
+        self.metrics = EngineMetrics()
+        self.metrics.compilations.set_function(compile_count)
+
+        shape = ModelShape(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
+        graphdef, state = nnx.split(module)
+        kv_dtype = jax.tree.leaves(state)[0].dtype
+        prefill_buckets = power_of_two_buckets(max(page_size, 16), self.max_context)
+        batch_buckets = power_of_two_buckets(1, max_batch)
+        log.info("%s", self.layout.describe())
+        placed = tqdm(desc="placing params", total=len(self.layout.prefill.replicas)
+                      + len(self.layout.decode.replicas), disable=not progress, unit="replica")
+        self._prefill: list[PrefillReplica] = []
+        for i, mesh in enumerate(self.layout.prefill.replicas):
+            params = place_params(state, mesh, PHASE_RULES["prefill"], shape)
+            self._prefill.append(PrefillReplica(i, mesh, graphdef, params, shape, prefill_buckets))
+            placed.update()
+        self._decode: list[DecodeReplica] = []
+        for i, mesh in enumerate(self.layout.decode.replicas):
+            params = place_params(state, mesh, PHASE_RULES["decode"], shape)
+            self._decode.append(DecodeReplica(
+                i, mesh, graphdef, params, shape, num_pages=num_pages, page_size=page_size,
+                max_context=self.max_context, prefill_buckets=prefill_buckets, batch_buckets=batch_buckets,
+                attention_backend=attention_backend, kv_dtype=kv_dtype,
+            ))
+            placed.update()
+        placed.close()
+        del state, module
+        self._compile_all(progress)
+        self.warm_compile_count = compile_count()
+
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._live: dict[str, Request] = {}
+        self._accepting = True
+        self._stopping = False
+        self._order = itertools.count()
+        self._transfers: queue.Queue[_Handoff | None] = queue.Queue(maxsize=4)
+        self._inboxes: dict[int, queue.Queue[tuple[Request, list[int], jax.Array, jax.Array] | None]] = {
+            r.index: queue.Queue() for r in self._decode
+        }
+        self._detok: queue.Queue[tuple[Request, list[int], FinishReason | None, str | None] | None] = (
+            queue.Queue(maxsize=4096)
+        )
+        self._threads = [
+            threading.Thread(target=self._prefill_loop, args=(p,), name=f"prefill-{p.index}", daemon=True)
+            for p in self._prefill
+        ] + [threading.Thread(target=self._transfer_loop, name="transfer", daemon=True)] + [
+            threading.Thread(target=self._decode_loop, args=(d,), name=f"decode-{d.index}", daemon=True)
+            for d in self._decode
+        ] + [threading.Thread(target=self._detok_loop, name="detokenize", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        self._update_gauges()
+        log.info("engine ready: %d compiled programs, %d XLA compilations", self._num_programs,
+                 self.warm_compile_count)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _compile_all(self, progress: bool) -> None:
+        tasks = [t for r in self._prefill for t in r.compile_tasks()]
+        tasks += [t for r in self._decode for t in r.compile_tasks()]
+        self._num_programs = len(tasks)
+        bar = tqdm(tasks, desc="compiling", disable=not progress, unit="program")
+        for name, run in bar:
+            bar.set_postfix_str(name)
+            run()
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> RequestStream:
+        """Queue a request; returns its stream at once. Raises ``ValueError`` for bad input."""
+        params = params or SamplingParams()
+        params.validate(self.config.vocab_size)
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:8]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_context:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context holds {self.max_context} (prompt + output)"
+            )
+        request_id = request_id or uuid.uuid4().hex
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        sampling = SamplingRow(params.temperature, params.top_k, params.top_p, seed)
+        stream = RequestStream(request_id, self.abort)
+        request = Request(request_id, ids, params, sampling, stream, RequestMetrics(arrival=time.monotonic()))
+        with self._cv:
+            if not self._accepting:
+                raise EngineClosedError("engine is shutting down")
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"admission queue is full ({self.max_queue} waiting)")
+            self._live[request_id] = request
+            self._waiting.append(request)
+            self._cv.notify_all()
+        self.metrics.queue_depth.labels("waiting").set(len(self._waiting))
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; its pages are freed. False if it is not in flight."""
+        with self._cv:
+            request = self._live.get(request_id)
+            return request is not None and self._cancel(request, FinishReason.ABORT)
+
+    def _cancel(self, request: Request, reason: FinishReason) -> bool:
+        """Mark ``request`` to end with ``reason``. A waiting request ends here; elsewhere the stage holding
+        its pages ends it on its next pass."""
+        with self._cv:
+            if request.cancel is not None:
+                return False
+            request.cancel = reason
+            if request in self._waiting:
+                self._waiting.remove(request)
+                self._report(request, [], reason)
+        return True
+
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
+    ) -> list[Output]:
+        """Submit every prompt (waiting when the queue is full) and return their outputs in order."""
+        streams = []
+        for prompt in prompts:
+            while True:
+                try:
+                    streams.append(self.submit(prompt, params))
+                    break
+                except QueueFullError:
+                    time.sleep(_IDLE_POLL_S)
+        return [s.result() for s in streams]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pages_used": [r.allocator.used for r in self._decode],
+            "pages_total": [r.allocator.capacity for r in self._decode],
+            "queue_depth": {"waiting": len(self._waiting), "transfer": self._transfers.qsize(),
+                            "decode_inbox": sum(q.qsize() for q in self._inboxes.values())},
+            "live": len(self._live),
+            "compile_count": compile_count(),
+        }
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; finish (``drain``) or abort the ones in flight; stop the threads."""
+        with self._cv:
+            if self._stopping:
+                return
+            self._accepting = False
+            if not drain:
+                for request_id in list(self._live):
+                    self.abort(request_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._live and (deadline is None or time.monotonic() < deadline):
+            time.sleep(_IDLE_POLL_S)
+        for request_id in list(self._live):  # timed out draining: abort the rest
+            self.abort(request_id)
+        while self._live and (deadline is None or time.monotonic() < deadline + 5.0):
+            time.sleep(_IDLE_POLL_S)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._transfers.put(None)
+        for inbox in self._inboxes.values():
+            inbox.put(None)
+        self._detok.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10.0)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(drain=False)
+
+    # ------------------------------------------------------------------ shared helpers
+
+    def _release(self, replica: DecodeReplica, pages: list[int]) -> None:
+        if pages:
+            replica.allocator.release(pages)
+            with self._cv:
+                self._cv.notify_all()
+
+    def _report(
+        self, request: Request, token_ids: list[int], finish: FinishReason | None, error: str | None = None
+    ) -> None:
+        self._detok.put((request, token_ids, finish, error))
+
+    def _on_token(self, request: Request, token: int) -> FinishReason | None:
+        """Record a sampled token, stream it, and say whether the request is now done."""
+        now = time.monotonic()
+        m = request.metrics
+        if m.first_token is None:
+            m.first_token = now
+            self.metrics.ttft.observe(now - m.arrival)
+        elif m.token_times:
+            self.metrics.itl.observe(now - m.token_times[-1])
+        m.token_times.append(now)
+        request.output_ids.append(token)
+        self.metrics.generation_tokens.inc()
+        p = request.params
+        finish = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            finish = FinishReason.STOP
+        elif len(request.output_ids) >= p.max_tokens or len(request.all_ids) >= self.max_context:
+            finish = FinishReason.LENGTH
+        self._report(request, [token], None)
+        return finish
+
+    def _fail(self, request: Request, replica: DecodeReplica | None, pages: list[int], exc: BaseException) -> None:
+        log.exception("request %s failed", request.id, exc_info=exc)
+        if replica is not None:
+            self._release(replica, pages)
+        self._report(request, [], FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _update_gauges(self) -> None:
+        for r in self._decode:
+            self.metrics.pages_used.labels(str(r.index)).set(r.allocator.used)
+            self.metrics.pages_total.labels(str(r.index)).set(r.allocator.capacity)
+        self.metrics.queue_depth.labels("waiting").set(len(self._waiting))
+        self.metrics.queue_depth.labels("transfer").set(self._transfers.qsize())
+        self.metrics.queue_depth.labels("decode_inbox").set(sum(q.qsize() for q in self._inboxes.values()))
+
+    # ------------------------------------------------------------------ prefill
+
+    def _pick_replica(self, need: int) -> DecodeReplica | None:
+        """Least-loaded decode replica (most free pages) that can take ``need`` pages now."""
+        fits = [r for r in self._decode if r.allocator.free >= need]
+        return max(fits, key=lambda r: (r.allocator.free, -r.index)) if fits else None
+
+    def _prefill_loop(self, prefill: PrefillReplica) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                request = self._waiting[0]
+                need = pages_needed(len(request.all_ids) + 1, self.page_size)
+                target = self._pick_replica(need)
+                if target is None:
+                    self._cv.wait(timeout=_IDLE_POLL_S)
+                    continue
+                self._waiting.popleft()
+                pages = target.allocator.allocate(need)
+            self._update_gauges()
+            m = request.metrics
+            if m.scheduled is None:
+                m.scheduled = time.monotonic()
+                self.metrics.queue_time.observe(m.scheduled - m.arrival)
+                self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            try:
+                token, k, v = prefill.run(request.all_ids, request.sampling)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the stage
+                self._fail(request, target, pages, exc)
+                continue
+            self._transfers.put(_Handoff(request, target, pages, token, k, v))
+
+    # ------------------------------------------------------------------ transfer
+
+    def _transfer_loop(self) -> None:
+        while (item := self._transfers.get()) is not None:
+            request, target = item.request, item.replica
+            try:
+                finish = self._on_token(request, int(np.asarray(item.token)[0]))
+                if finish is not None or request.cancel is not None:
+                    self._release(target, item.pages)
+                    self._report(request, [], finish or request.cancel)
+                    continue
+                start = time.perf_counter()
+                k, v = target.receive(item.k, item.v)
+                jax.block_until_ready((k, v))
+                self.metrics.transfer_seconds.inc(time.perf_counter() - start)
+                self.metrics.transfer_bytes.inc(k.nbytes + v.nbytes)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(request, target, item.pages, exc)
+                continue
+            self._inboxes[target.index].put((request, item.pages, k, v))
+
+    # ------------------------------------------------------------------ decode
+
+    def _decode_loop(self, replica: DecodeReplica) -> None:
+        running: list[_Sequence] = []
+        ready: list[_Sequence] = []
+        inbox = self._inboxes[replica.index]
+        while True:
+            idle = not running and not ready
+            try:
+                item = inbox.get(timeout=_IDLE_POLL_S) if idle else inbox.get_nowait()
+                while True:
+                    if item is None:
+                        self._end_all(replica, running + ready, FinishReason.ABORT)
+                        return
+                    self._admit(replica, item, ready)
+                    item = inbox.get_nowait()
+            except queue.Empty:
+                pass
+            for seq in [s for s in running + ready if s.request.cancel is not None]:
+                self._drop(seq, running, ready)
+                self._release(replica, seq.pages)
+                self._report(seq.request, [], seq.request.cancel)
+            while ready and len(running) < self.max_batch:
+                running.append(ready.pop(0))
+            self._grow(replica, running, ready)
+            self._update_gauges()
+            self.metrics.running.labels(str(replica.index)).set(len(running))
+            if not running:
+                continue
+            try:
+                tokens = replica.step(
+                    [s.request.all_ids[-1] for s in running], [len(s.request.all_ids) - 1 for s in running],
+                    [s.pages for s in running], [s.request.sampling for s in running],
+                )
+            except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
+                for seq in running + ready:
+                    self._fail(seq.request, replica, seq.pages, exc)
+                running.clear()
+                ready.clear()
+                replica.reset_pools()
+                continue
+            for seq, token in zip(list(running), tokens, strict=True):
+                finish = self._on_token(seq.request, int(token))
+                if finish is not None:
+                    running.remove(seq)
+                    self._release(replica, seq.pages)
+                    self._report(seq.request, [], finish)
+
+    def _admit(
+        self, replica: DecodeReplica, item: tuple[Request, list[int], jax.Array, jax.Array], ready: list[_Sequence]
+    ) -> None:
+        request, pages, k, v = item
+        if request.cancel is not None:
+            self._release(replica, pages)
+            self._report(request, [], request.cancel)
+            return
+        try:
+            replica.insert(k, v, pages)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(request, replica, pages, exc)
+            return
+        ready.append(_Sequence(request, pages, next(self._order)))
+
+    @staticmethod
+    def _drop(seq: _Sequence, running: list[_Sequence], ready: list[_Sequence]) -> None:
+        (running if seq in running else ready).remove(seq)
+
+    def _grow(self, replica: DecodeReplica, running: list[_Sequence], ready: list[_Sequence]) -> None:
+        """Give every running sequence a page for its next token, preempting the youngest when out of pages."""
+        for seq in sorted(running, key=lambda s: s.order):
+            need = pages_needed(len(seq.request.all_ids), self.page_size) - len(seq.pages)
+            while need > 0 and seq in running:
+                try:
+                    seq.pages += replica.allocator.allocate(need)
+                    need = 0
+                except OutOfPages:
+                    victim = max(running + ready, key=lambda s: s.order)
+                    self._preempt(replica, victim, running, ready)
+
+    def _preempt(
+        self, replica: DecodeReplica, seq: _Sequence, running: list[_Sequence], ready: list[_Sequence]
+    ) -> None:
+        """Free the sequence's pages and queue it to be prefilled again from all its tokens (recompute)."""
+        self._drop(seq, running, ready)
+        self._release(replica, seq.pages)
+        request = seq.request
+        request.metrics.preemptions += 1
+        self.metrics.preemptions.inc()
+        log.info("preempted %s (%d tokens) on decode replica %d", request.id, len(request.all_ids), replica.index)
+        with self._cv:
+            if request.cancel is not None:
+                self._report(request, [], request.cancel)
+            else:
+                self._waiting.appendleft(request)
+                self._cv.notify_all()
+
+    def _end_all(self, replica: DecodeReplica, seqs: list[_Sequence], reason: FinishReason) -> None:
+        for seq in seqs:
+            self._release(replica, seq.pages)
+            self._report(seq.request, [], reason)
+
+    # ------------------------------------------------------------------ detokenize
+
+    def _detok_loop(self) -> None:
+        states: dict[str, _DetokState] = {}
+        while (item := self._detok.get()) is not None:
+            request, token_ids, finish, error = item
+            if self._live.get(request.id) is not request:
+                continue  # a late event of a finished request
+            state = states.setdefault(request.id, _DetokState(IncrementalDetokenizer(self.tokenizer)))
+            if state.stopped:
+                # A stop string ended the text; wait for the stage holding the pages to report the finish.
+                if finish is not None:
+                    self._finish(request, state, [], "", FinishReason.STOP, None)
+                    del states[request.id]
+                continue
+            state.token_ids += token_ids
+            state.text += state.detokenizer.add(token_ids)
+            if finish is not None:
+                state.text += state.detokenizer.flush()
+            stop_at = self._find_stop(request.params.stop, state.text, state.emitted)
+            if stop_at is not None:
+                state.text = state.text[:stop_at]
+                if finish is None:
+                    state.stopped = True
+                    self._cancel(request, FinishReason.STOP)
+                    delta = state.text[state.emitted :]
+                    state.emitted = len(state.text)
+                    if token_ids or delta:
+                        request.stream._push(StreamChunk(request.id, token_ids, delta))
+                    continue
+                finish = FinishReason.STOP
+            holdback = 0 if finish is not None else max((len(s) for s in request.params.stop), default=1) - 1
+            end = max(state.emitted, len(state.text) - holdback)
+            delta = state.text[state.emitted : end]
+            state.emitted = end
+            if finish is None:
+                if token_ids or delta:
+                    request.stream._push(StreamChunk(request.id, token_ids, delta))
+                continue
+            self._finish(request, state, token_ids, delta, finish, error)
+            del states[request.id]
+
+    @staticmethod
+    def _find_stop(stops: tuple[str, ...], text: str, emitted: int) -> int | None:
+        longest = max((len(s) for s in stops), default=0)
+        start = max(0, emitted - longest)
+        hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+    def _finish(
+        self, request: Request, state: _DetokState, token_ids: list[int], delta: str, finish: FinishReason,
+        error: str | None,
+    ) -> None:
+        m = request.metrics
+        m.finished = time.monotonic()
+        output = Output(request.id, request.prompt_ids, state.token_ids, state.text, finish, m, error)
+        with self._cv:
+            self._live.pop(request.id, None)
+        self.metrics.requests.labels(finish.value).inc()
+        self.metrics.e2e.observe(m.finished - m.arrival)
+        if m.tpot is not None:
+            self.metrics.tpot.observe(m.tpot)
+        request.stream._finish(output)
+        request.stream._push(StreamChunk(request.id, token_ids, delta, finish, error))

@@ -1,0 +1,182 @@
+"""The compiled programs: prefill, KV insert and decode, as pure functions AOT-compiled per bucket.
+
+Each function here is pure (params and page pools in, tokens and new pools out) and is compiled once per
+shape bucket and replica at start-up with ``jit(...).lower(...).compile()``. Serving then only calls
+compiled executables, so a request of a new length never triggers a compile on the hot path.
+
+- prefill[T]   (prefill replica, TP): causal forward over a prompt padded to T, samples the first token and
+               returns the prompt's KV as ``[layers, T, kv_heads, head_dim]``.
+- insert[T]    (decode replica): scatters one prompt's KV into its pages of the donated pools.
+- decode[B]    (decode replica, TP): one token for each of B sequences; writes the new KV into its page and
+               runs paged attention through ``jdisagg.kernels`` inside ``shard_map`` (kernels see local heads).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jdisagg.kernels import paged_attention
+from jdisagg.kv_cache import KVPools
+from jdisagg.meshes import TP_AXIS
+from jdisagg.sampling import sample_tokens
+
+P = PartitionSpec
+
+
+def _repeat_kv(x: jax.Array, stored_heads: int, axis: int) -> jax.Array:
+    """Repeat kv heads so each of ``stored_heads`` shards holds the head its query heads use."""
+    reps = stored_heads // x.shape[axis]
+    return x if reps == 1 else jnp.repeat(x, reps, axis=axis)
+
+
+def prefill_fn(
+    graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, length: jax.Array, temperature: jax.Array,
+    top_k: jax.Array, top_p: jax.Array, seed: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """tokens ``[1, T]`` (prompt padded at the end), length ``[]`` -> first token ``[1]``, k, v ``[L, T, KVH, D]``."""
+    model = nnx.merge(graphdef, state)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    hidden, kvs = model.prefill(tokens, positions)
+    last = jax.lax.dynamic_slice_in_dim(hidden[0], length - 1, 1)
+    logits = model.logits(last)
+    token = sample_tokens(logits, temperature, top_k, top_p, seed, length[None])
+    k = jnp.stack([k[0] for k, _ in kvs])
+    v = jnp.stack([v[0] for _, v in kvs])
+    return token, k, v
+
+
+def insert_fn(
+    page_size: int, stored_heads: int, pools: KVPools, k: jax.Array, v: jax.Array, page_ids: jax.Array
+) -> KVPools:
+    """Scatter ``[L, T, KVH, D]`` into pages ``page_ids`` (``[T // page_size]``; padding pages are scratch)."""
+
+    def scatter(pool: jax.Array, x: jax.Array) -> jax.Array:
+        x = _repeat_kv(x, stored_heads, axis=1)
+        pages = x.reshape(-1, page_size, stored_heads, x.shape[-1]).transpose(2, 0, 1, 3)
+        return pool.at[:, page_ids].set(pages.astype(pool.dtype))
+
+    return [(scatter(kp, k[i]), scatter(vp, v[i])) for i, (kp, vp) in enumerate(pools)]
+
+
+def _paged_attend(
+    mesh: Mesh, page_size: int, stored_heads: int, scale: float, backend: str | None,
+    page_table: jax.Array, positions: jax.Array,
+) -> Callable:
+    """The model's ``attend`` callback for decode: write this step's k/v into its page, then attend."""
+    tp = mesh.shape[TP_AXIS]
+    heads = P(None, TP_AXIS, None)
+    pool = P(TP_AXIS) if stored_heads % tp == 0 else P()
+
+    def local(q, k, v, kp, vp, page_table, positions):
+        rows = jnp.arange(q.shape[0])
+        page = page_table[rows, positions // page_size]
+        slot = positions % page_size
+        kp = kp.at[:, page, slot].set(k.transpose(1, 0, 2).astype(kp.dtype))
+        vp = vp.at[:, page, slot].set(v.transpose(1, 0, 2).astype(vp.dtype))
+        out = paged_attention(q, kp, vp, page_table, positions + 1, scale=scale, backend=backend)
+        return out, kp, vp
+
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(heads, heads, heads, pool, pool, P(), P()),
+        out_specs=(heads, pool, pool), check_vma=False,
+    )
+
+    def attend(q, k, v, cache):
+        kp, vp = cache
+        k = _repeat_kv(k, stored_heads, axis=1)
+        v = _repeat_kv(v, stored_heads, axis=1)
+        out, kp, vp = sharded(q, k, v, kp, vp, page_table, positions)
+        return out, (kp, vp)
+
+    return attend
+
+
+def decode_fn(
+    graphdef: nnx.GraphDef, mesh: Mesh, page_size: int, stored_heads: int, scale: float, backend: str | None,
+    state: Any, pools: KVPools, tokens: jax.Array, positions: jax.Array, page_table: jax.Array,
+    temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
+) -> tuple[jax.Array, KVPools]:
+    """tokens ``[B]`` at ``positions`` ``[B]`` -> next tokens ``[B]`` and the updated pools."""
+    model = nnx.merge(graphdef, state)
+    attend = _paged_attend(mesh, page_size, stored_heads, scale, backend, page_table, positions)
+    logits, pools = model.decode(tokens, positions, pools, attend)
+    return sample_tokens(logits, temperature, top_k, top_p, seeds, positions + 1), pools
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _spec(shape: tuple[int, ...], dtype: Any, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+
+
+def _sampling_specs(batch: int, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return (
+        _spec((batch,), jnp.float32, mesh), _spec((batch,), jnp.int32, mesh),
+        _spec((batch,), jnp.float32, mesh), _spec((batch,), jnp.uint32, mesh),
+    )
+
+
+def compile_prefill(
+    graphdef: nnx.GraphDef, state: Any, mesh: Mesh, length: int, kv_out: NamedSharding
+) -> jax.stages.Compiled:
+    replicated = NamedSharding(mesh, P())
+    fn = jax.jit(
+        functools.partial(prefill_fn, graphdef), out_shardings=(replicated, kv_out, kv_out)
+    )
+    return fn.lower(
+        _abstract(state), _spec((1, length), jnp.int32, mesh), _spec((), jnp.int32, mesh),
+        *_sampling_specs(1, mesh),
+    ).compile()
+
+
+def compile_insert(
+    pools: KVPools, kv_in: jax.ShapeDtypeStruct, page_size: int, stored_heads: int, mesh: Mesh
+) -> jax.stages.Compiled:
+    fn = jax.jit(
+        functools.partial(insert_fn, page_size, stored_heads),
+        out_shardings=[(kp.sharding, vp.sharding) for kp, vp in pools], donate_argnums=(0,),
+    )
+    num_pages = kv_in.shape[1] // page_size
+    return fn.lower(_abstract(pools), kv_in, kv_in, _spec((num_pages,), jnp.int32, mesh)).compile()
+
+
+def compile_decode(
+    graphdef: nnx.GraphDef, state: Any, pools: KVPools, mesh: Mesh, batch: int, max_pages: int,
+    page_size: int, stored_heads: int, scale: float, backend: str | None,
+) -> jax.stages.Compiled:
+    replicated = NamedSharding(mesh, P())
+    fn = jax.jit(
+        functools.partial(decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
+        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
+        donate_argnums=(1,),
+    )
+    return fn.lower(
+        _abstract(state), _abstract(pools), _spec((batch,), jnp.int32, mesh), _spec((batch,), jnp.int32, mesh),
+        _spec((batch, max_pages), jnp.int32, mesh), *_sampling_specs(batch, mesh),
+    ).compile()
+
+
+def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """``smallest, 2*smallest, ...`` up to and including ``largest``."""
+    buckets, size = [], smallest
+    while size < largest:
+        buckets.append(size)
+        size *= 2
+    buckets.append(largest)
+    return tuple(buckets)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    for size in buckets:
+        if n <= size:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")

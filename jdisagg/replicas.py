@@ -1,0 +1,205 @@
+"""Device-side state of one replica: its params, page pools and compiled programs.
+
+A replica object is used by exactly one engine thread (prefill replicas by the prefill thread, a decode
+replica by its own decode thread), so nothing here locks except the page allocator, which prefill also
+touches to reserve pages for a prompt before its KV arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jdisagg.kv_cache import SCRATCH_PAGE, PageAllocator, init_page_pools, kv_sharding
+from jdisagg.meshes import TP_AXIS, ShardRule, param_spec, stored_kv_heads
+from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill
+
+CompileTask = tuple[str, Callable[[], None]]
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """The device-side sampling inputs of one sequence."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def param_path(keypath: tuple[Any, ...]) -> str:
+    """``layers/0/self_attn/q_proj/kernel`` from an nnx.State key path."""
+    parts = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+    return "/".join(parts)
+
+
+def place_params(
+    state: Any, mesh: Mesh, rules: tuple[ShardRule, ...], shape: ModelShape
+) -> Any:
+    """Copy params onto one replica's mesh with the phase's sharding rules."""
+    tp = mesh.shape[TP_AXIS]
+    heads = {"num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads}
+
+    def place(keypath, x):
+        spec = param_spec(param_path(keypath), tuple(x.shape), tp, rules, heads)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
+def _put(mesh: Mesh, array: np.ndarray) -> jax.Array:
+    return jax.device_put(array, NamedSharding(mesh, PartitionSpec()))
+
+
+def _sampling_arrays(mesh: Mesh, rows: Sequence[SamplingRow], size: int) -> list[jax.Array]:
+    pad = size - len(rows)
+    return [
+        _put(mesh, np.array([r.temperature for r in rows] + [0.0] * pad, np.float32)),
+        _put(mesh, np.array([r.top_k for r in rows] + [0] * pad, np.int32)),
+        _put(mesh, np.array([r.top_p for r in rows] + [1.0] * pad, np.float32)),
+        _put(mesh, np.array([r.seed for r in rows] + [0] * pad, np.uint32)),
+    ]
+
+
+class PrefillReplica:
+    """TP prefill on one replica mesh: prompt -> (first token, KV sharded by kv heads)."""
+
+    def __init__(
+        self, index: int, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, shape: ModelShape,
+        buckets: tuple[int, ...],
+    ) -> None:
+        self.index, self.mesh, self.buckets = index, mesh, buckets
+        self._graphdef, self._state = graphdef, state
+        tp = mesh.shape[TP_AXIS]
+        self.kv_sharding = kv_sharding(mesh, shape.num_kv_heads if shape.num_kv_heads % tp == 0 else 1, 2)
+        self._compiled: dict[int, jax.stages.Compiled] = {}
+
+    def compile_tasks(self) -> list[CompileTask]:
+        def task(length: int) -> Callable[[], None]:
+            def run() -> None:
+                self._compiled[length] = compile_prefill(
+                    self._graphdef, self._state, self.mesh, length, self.kv_sharding
+                )
+            return run
+
+        return [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
+
+    def run(self, token_ids: Sequence[int], sampling: SamplingRow) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Dispatch prefill (asynchronously); returns device arrays (token ``[1]``, k, v)."""
+        length = bucket_for(len(token_ids), self.buckets)
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, : len(token_ids)] = token_ids
+        return self._compiled[length](
+            self._state, _put(self.mesh, tokens), _put(self.mesh, np.int32(len(token_ids))),
+            *_sampling_arrays(self.mesh, [sampling], 1),
+        )
+
+
+class DecodeReplica:
+    """One decode replica: TP sub-mesh, its page pool and allocator, insert and decode programs."""
+
+    def __init__(
+        self, index: int, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, shape: ModelShape, *,
+        num_pages: int, page_size: int, max_context: int, prefill_buckets: tuple[int, ...],
+        batch_buckets: tuple[int, ...], attention_backend: str | None, kv_dtype: jnp.dtype,
+    ) -> None:
+        self.index, self.mesh = index, mesh
+        self.page_size, self.max_pages = page_size, max_context // page_size
+        self.prefill_buckets, self.batch_buckets = prefill_buckets, batch_buckets
+        self.allocator = PageAllocator(num_pages)
+        self._graphdef, self._state, self._shape = graphdef, state, shape
+        self._backend, self._kv_dtype = attention_backend, kv_dtype
+        tp = mesh.shape[TP_AXIS]
+        self.stored_heads = stored_kv_heads(shape.num_kv_heads, tp)
+        # KV arrives with true kv heads; split them over tp when they divide, else replicate and repeat here.
+        self.kv_sharding = kv_sharding(mesh, shape.num_kv_heads if shape.num_kv_heads % tp == 0 else 1, 2)
+        self.pools = self._new_pools()
+        self._insert: dict[int, jax.stages.Compiled] = {}
+        self._decode: dict[int, jax.stages.Compiled] = {}
+
+    def _new_pools(self):
+        s = self._shape
+        return init_page_pools(
+            self.mesh, num_layers=s.num_layers, stored_heads=self.stored_heads,
+            num_pages=self.allocator.num_pages, page_size=self.page_size, head_dim=s.head_dim,
+            dtype=self._kv_dtype,
+        )
+
+    def reset_pools(self) -> None:
+        """Fresh pools after a failed program (a failed call may have consumed the donated buffers)."""
+        self.pools = self._new_pools()
+
+    def compile_tasks(self) -> list[CompileTask]:
+        s = self._shape
+
+        def insert_task(length: int) -> Callable[[], None]:
+            def run() -> None:
+                kv = jax.ShapeDtypeStruct(
+                    (s.num_layers, length, s.num_kv_heads, s.head_dim), self._kv_dtype, sharding=self.kv_sharding
+                )
+                self._insert[length] = compile_insert(
+                    self.pools, kv, self.page_size, self.stored_heads, self.mesh
+                )
+            return run
+
+        def decode_task(batch: int) -> Callable[[], None]:
+            def run() -> None:
+                self._decode[batch] = compile_decode(
+                    self._graphdef, self._state, self.pools, self.mesh, batch, self.max_pages,
+                    self.page_size, self.stored_heads, s.head_dim**-0.5, self._backend,
+                )
+            return run
+
+        return [(f"insert[{self.index}] len {n}", insert_task(n)) for n in self.prefill_buckets] + [
+            (f"decode[{self.index}] batch {b}", decode_task(b)) for b in self.batch_buckets
+        ]
+
+    def receive(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The KV hand-off: move prefill's KV onto this replica, resharded to its kv-head split."""
+        return jax.device_put((k, v), self.kv_sharding)
+
+    def insert(self, k: jax.Array, v: jax.Array, pages: Sequence[int]) -> None:
+        length = k.shape[1]
+        ids = np.full((length // self.page_size,), SCRATCH_PAGE, np.int32)
+        n = min(len(pages), len(ids))
+        ids[:n] = pages[:n]
+        self.pools = self._insert[length](self.pools, k, v, _put(self.mesh, ids))
+
+    def step(
+        self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]],
+        sampling: Sequence[SamplingRow],
+    ) -> np.ndarray:
+        """One decode step for ``len(tokens)`` sequences; returns their next tokens (blocks on the result)."""
+        n = len(tokens)
+        batch = bucket_for(n, self.batch_buckets)
+        tok = np.zeros((batch,), np.int32)
+        pos = np.zeros((batch,), np.int32)
+        table = np.full((batch, self.max_pages), SCRATCH_PAGE, np.int32)
+        tok[:n], pos[:n] = tokens, positions
+        for row, seq_pages in enumerate(pages):
+            table[row, : len(seq_pages)] = seq_pages
+        out, self.pools = self._decode[batch](
+            self._state, self.pools, _put(self.mesh, tok), _put(self.mesh, pos), _put(self.mesh, table),
+            *_sampling_arrays(self.mesh, sampling, batch),
+        )
+        return np.asarray(out)[:n]

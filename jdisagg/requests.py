@@ -1,0 +1,75 @@
+"""Host-side request state and the client's stream handle."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
+from jdisagg.replicas import SamplingRow
+from jdisagg.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request as it moves through the stages.
+
+    ``output_ids`` only grows; on preemption the request is prefilled again from ``all_ids`` and continues.
+    ``cancel`` is set from any thread (client abort, stop string found, shutdown); the stage that holds the
+    request's pages is the one that frees them and reports the finish.
+    """
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampling: SamplingRow
+    stream: RequestStream
+    metrics: RequestMetrics
+    output_ids: list[int] = field(default_factory=list)
+    cancel: FinishReason | None = None
+    cancel_message: str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class RequestStream:
+    """What ``Engine.submit`` returns: iterate for chunks, ``result()`` for the final ``Output``."""
+
+    def __init__(self, request_id: str, canceller: Callable[[str], bool]) -> None:
+        self.request_id = request_id
+        self._chunks: queue.Queue[StreamChunk] = queue.Queue()
+        self._cancel = canceller
+        self._done = threading.Event()
+        self._output: Output | None = None
+
+    def _push(self, chunk: StreamChunk) -> None:
+        self._chunks.put(chunk)
+
+    def _finish(self, output: Output) -> None:
+        self._output = output
+        self._done.set()
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while True:
+            chunk = self._chunks.get()
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    def next_chunk(self, timeout: float | None = None) -> StreamChunk:
+        """The next chunk; ``queue.Empty`` after ``timeout`` seconds."""
+        return self._chunks.get(timeout=timeout)
+
+    def cancel(self) -> bool:
+        """Abort the request: its pages are freed and the stream ends with ``FinishReason.ABORT``."""
+        return self._cancel(self.request_id)
+
+    def result(self, timeout: float | None = None) -> Output:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        assert self._output is not None
+        return self._output

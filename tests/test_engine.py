@@ -1,0 +1,229 @@
+"""End-to-end engine tests on 8 virtual CPU devices, against a single-device, non-paged reference.
+
+The model is a tiny Llama written to disk as an HF safetensors checkpoint, so every test also exercises
+loading. Heads are 8 query / 2 kv: with tp=4 the kv heads are replicated, with tp=2 split.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jdisagg.compile_counter import compile_count
+from jdisagg.engine import Engine
+from jdisagg.models import ModelConfig
+from jdisagg.models.loading import init_model, load_hf_model, save_hf_safetensors
+from jdisagg.outputs import FinishReason
+from jdisagg.sampling_params import SamplingParams
+from jdisagg.tokenizer import ByteTokenizer
+
+MAX_CONTEXT = 128
+CONFIG = ModelConfig(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2,
+    head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=256,
+    tie_word_embeddings=False, attention_bias=False,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    save_hf_safetensors(init_model(CONFIG, seed=1), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Greedy continuation by a dense, unpaged forward on one device (recomputes the whole prefix)."""
+    graphdef, state = nnx.split(load_hf_model(checkpoint))
+
+    @jax.jit
+    def next_token(state, tokens, length):
+        model = nnx.merge(graphdef, state)
+        logits = model(tokens[None], jnp.arange(MAX_CONTEXT, dtype=jnp.int32)[None])
+        return jnp.argmax(logits[0, length - 1])
+
+    @functools.cache
+    def generate(prompt: tuple[int, ...], n: int) -> list[int]:
+        ids = list(prompt)
+        for _ in range(n):
+            padded = np.zeros(MAX_CONTEXT, np.int32)
+            padded[: len(ids)] = ids
+            ids.append(int(next_token(state, padded, len(ids))))
+        return ids[len(prompt):]
+
+    return generate
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in lengths]
+
+
+def _engine(checkpoint, prefill, decode, **kw):
+    kw.setdefault("max_context", MAX_CONTEXT)
+    kw.setdefault("max_batch", 4)
+    return Engine(checkpoint, tokenizer=ByteTokenizer(), prefill_mesh=prefill, decode_mesh=decode,
+                  progress=False, **kw)
+
+
+def _assert_no_pages(engine):
+    stats = engine.stats()
+    assert stats["pages_used"] == [0] * len(stats["pages_used"]), stats
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "colocate"),
+    [("4x1", "2x2", False), ("2x1", "1x2", False), ("1x1", "1x1", True), ("2x2", "1x4", False)],
+)
+def test_greedy_matches_reference_on_every_layout(checkpoint, reference, prefill, decode, colocate):
+    prompts = _prompts([3, 17, 40, 70, 1, 33])
+    with _engine(checkpoint, prefill, decode, colocate=colocate) as engine:
+        warm = compile_count()
+        assert warm == engine.warm_compile_count
+        streams = [engine.submit(p, SamplingParams(max_tokens=12)) for p in prompts]  # all in flight at once
+        outputs = [s.result(timeout=300) for s in streams]
+        for prompt, out in zip(prompts, outputs, strict=True):
+            assert out.finish_reason == FinishReason.LENGTH
+            assert out.token_ids == reference(tuple(prompt), 12), (prefill, decode, len(prompt))
+        assert compile_count() == warm, "serving compiled a program after warm-up"
+        _assert_no_pages(engine)
+
+
+def test_pallas_interpret_kernel_end_to_end(checkpoint, reference):
+    prompts = _prompts([5, 20], seed=3)
+    with _engine(checkpoint, "1x1", "2x1", attention_backend="interpret", max_batch=2) as engine:
+        outputs = engine.generate(prompts, SamplingParams(max_tokens=4))
+        for prompt, out in zip(prompts, outputs, strict=True):
+            assert out.token_ids == reference(tuple(prompt), 4)
+        _assert_no_pages(engine)
+
+
+def test_flood_larger_than_page_pool_preempts_and_still_matches(checkpoint, reference):
+    prompts = _prompts([30, 45, 20, 60, 10, 50, 35, 25], seed=7)
+    # 13 usable pages of 8 tokens: two long sequences fill the pool, so decode must preempt and recompute.
+    with _engine(checkpoint, "2x1", "1x2", page_size=8, num_pages=14, max_batch=4, max_context=96) as engine:
+        outputs = engine.generate(prompts, SamplingParams(max_tokens=30))
+        for prompt, out in zip(prompts, outputs, strict=True):
+            assert out.token_ids == reference(tuple(prompt), 30)
+        assert sum(o.metrics.preemptions for o in outputs) > 0
+        _assert_no_pages(engine)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    with _engine(checkpoint, "2x1", "2x2") as e:
+        yield e
+
+
+def test_abort_mid_generation_frees_pages(engine):
+    stream = engine.submit(_prompts([20])[0], SamplingParams(max_tokens=100))
+    first = stream.next_chunk(timeout=120)
+    assert first.token_ids
+    assert engine.stats()["pages_used"] != [0, 0]
+    assert stream.cancel()
+    out = stream.result(timeout=60)
+    assert out.finish_reason == FinishReason.ABORT
+    assert len(out.token_ids) < 100
+    _assert_no_pages(engine)
+
+
+def test_abort_while_waiting_and_unknown_id(engine):
+    assert not engine.abort("no-such-request")
+    streams = [engine.submit(p, SamplingParams(max_tokens=50)) for p in _prompts([10] * 12, seed=5)]
+    for s in streams[::2]:
+        s.cancel()
+    outs = [s.result(timeout=120) for s in streams]
+    assert all(o.finish_reason == FinishReason.ABORT for o in outs[::2])
+    assert all(o.finish_reason == FinishReason.LENGTH for o in outs[1::2])
+    _assert_no_pages(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine, reference):
+    prompt = _prompts([12], seed=11)[0]
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=1234)
+    alone = engine.generate([prompt], params)[0].token_ids
+    crowd = engine.generate([prompt] + _prompts([5, 9, 30], seed=12), params)[0].token_ids
+    assert alone == crowd
+    other = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0.8, seed=99))[0].token_ids
+    assert other != alone
+    top1 = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=1.0, top_k=1, seed=5))[0]
+    assert top1.token_ids == reference(tuple(prompt), 10)
+
+
+def test_stop_token_ids_and_stop_strings(engine, reference):
+    prompt = _prompts([9], seed=21)[0]
+    expected = reference(tuple(prompt), 12)
+    stop_id = expected[4]
+    cut = expected.index(stop_id)
+    out = engine.generate([prompt], SamplingParams(max_tokens=12, stop_token_ids=(stop_id,)))[0]
+    assert out.finish_reason == FinishReason.STOP
+    assert out.token_ids == expected[: cut + 1]
+
+    text = ByteTokenizer().decode(expected)
+    stop = text[3:5]
+    if stop and "\ufffd" not in stop:
+        out = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(stop,)))[0]
+        assert out.finish_reason == FinishReason.STOP
+        assert out.text == text[: text.index(stop)]
+    _assert_no_pages(engine)
+
+
+def test_streaming_chunks_concatenate_to_output(engine, reference):
+    prompt = _prompts([15], seed=31)[0]
+    stream = engine.submit(prompt, SamplingParams(max_tokens=8))
+    chunks = list(stream)
+    assert chunks[-1].finish_reason == FinishReason.LENGTH
+    assert [t for c in chunks for t in c.token_ids] == reference(tuple(prompt), 8)
+    assert "".join(c.text for c in chunks) == stream.result().text
+    assert stream.result().metrics.ttft > 0
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(temperature=-1.0), "temperature"),
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_p=1.5), "top_p"),
+        (SamplingParams(top_k=-2), "top_k"),
+        (SamplingParams(stop_token_ids=(999,)), "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_params_raise_value_error(engine, params, match):
+    with pytest.raises(ValueError, match=match):
+        engine.submit([1, 2, 3], params)
+
+
+def test_bad_prompts_raise_value_error(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit("")
+    with pytest.raises(ValueError, match="context"):
+        engine.submit([1] * MAX_CONTEXT)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit([1, 256])
+    _assert_no_pages(engine)
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "match"),
+    [("9x1", "1x1", "need"), ("4x1", "2x4", "need"), ("3x1", "1x1", "divide"), ("banana", "1x1", "mesh spec"),
+     ("0x1", "1x1", "tp >= 1")],
+)
+def test_impossible_meshes_raise_value_error(checkpoint, prefill, decode, match):
+    with pytest.raises(ValueError, match=match):
+        _engine(checkpoint, prefill, decode)
+
+
+def test_shutdown_drains_in_flight(checkpoint, reference):
+    engine = _engine(checkpoint, "1x1", "1x1", max_batch=2)
+    prompt = _prompts([8], seed=41)[0]
+    stream = engine.submit(prompt, SamplingParams(max_tokens=6))
+    engine.shutdown(drain=True, timeout=120)
+    assert stream.result(timeout=1).token_ids == reference(tuple(prompt), 6)
+    _assert_no_pages(engine)
