@@ -92,6 +92,10 @@ class _DetokState:
 
 def _load(model: Any, tokenizer: Tokenizer | None) -> tuple[nnx.Module, Tokenizer]:
     """Resolve ``model``: None (built-in demo), a checkpoint directory, or a ready ``nnx.Module``."""
+    if isinstance(model, nnx.Module):
+        if tokenizer is None:
+            raise ValueError("a model passed as a module needs a tokenizer (Engine(model, tokenizer=...))")
+        return model, tokenizer
     from jdisagg.models import loading
     from jdisagg.models.demo import load_demo_model
     from jdisagg.tokenizer import ByteTokenizer, load_tokenizer
@@ -107,9 +111,7 @@ def _load(model: Any, tokenizer: Tokenizer | None) -> tuple[nnx.Module, Tokenize
         else:
             module = loading.restore_checkpoint(path)
         return module, tokenizer or load_tokenizer(path)
-    if tokenizer is None:
-        raise ValueError("a model passed as a module needs a tokenizer (Engine(model, tokenizer=...))")
-    return model, tokenizer
+    raise ValueError(f"model must be None, a checkpoint directory or an nnx.Module, got {type(model).__name__}")
 
 
 class Engine:
@@ -208,8 +210,10 @@ class Engine:
         self._inboxes: dict[int, queue.Queue[tuple[Request, list[int], jax.Array, jax.Array] | None]] = {
             r.index: queue.Queue() for r in self._decode
         }
+        # Unbounded on purpose: its producers are bounded by the batch size, and abort() reports into it
+        # while holding the scheduler lock, which a full queue would turn into a deadlock with detokenize.
         self._detok: queue.Queue[tuple[Request, list[int], FinishReason | None, str | None] | None] = (
-            queue.Queue(maxsize=4096)
+            queue.Queue()
         )
         self._threads = [
             threading.Thread(target=self._prefill_loop, args=(p,), name=f"prefill-{p.index}", daemon=True)
