@@ -77,6 +77,7 @@ class _Handoff:
     replica: DecodeReplica
     pages: list[int]
     token: jax.Array
+    logprob: jax.Array
     k: jax.Array
     v: jax.Array
 
@@ -245,26 +246,45 @@ class Engine:
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None
     ) -> RequestStream:
         """Queue a request; returns its stream at once. Raises ``ValueError`` for bad input."""
-        params = params or SamplingParams()
+        return self._submit(prompt, params or SamplingParams(), request_id, [])
+
+    def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> list[float]:
+        """Log-probability of each token of ``continuation`` after ``prompt``, through the serving path.
+
+        The continuation is forced token by token: its first token is scored by prefill, every later one by
+        a decode step reading the paged cache on the decode mesh — the same programs that serve requests.
+        """
+        continuation = self._token_ids(continuation, "continuation")
+        if not continuation:
+            raise ValueError("continuation is empty")
+        params = SamplingParams(max_tokens=len(continuation), ignore_eos=True)
+        return self._submit(prompt, params, None, continuation).result().logprobs
+
+    def _token_ids(self, ids: Sequence[int], what: str) -> list[int]:
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"{what} token ids {bad[:8]} are outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def _submit(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None, forced: list[int]
+    ) -> RequestStream:
         params.validate(self.config.vocab_size)
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:8]} are outside the vocabulary [0, {self.config.vocab_size})")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._token_ids(prompt, "prompt")
         if not ids:
             raise ValueError("prompt is empty")
-        if len(ids) >= self.max_context:
+        if len(ids) + len(forced) >= self.max_context + (1 if forced else 0):
             raise ValueError(
-                f"prompt has {len(ids)} tokens; the context holds {self.max_context} (prompt + output)"
+                f"prompt has {len(ids) + len(forced)} tokens; the context holds {self.max_context} "
+                "(prompt + output)"
             )
         request_id = request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         sampling = SamplingRow(params.temperature, params.top_k, params.top_p, seed)
         stream = RequestStream(request_id, self.abort)
-        request = Request(request_id, ids, params, sampling, stream, RequestMetrics(arrival=time.monotonic()))
+        request = Request(request_id, ids, params, sampling, stream, RequestMetrics(arrival=time.monotonic()),
+                          forced_ids=forced)
         with self._cv:
             if not self._accepting:
                 raise EngineClosedError("engine is shutting down")
@@ -365,7 +385,7 @@ class Engine:
     ) -> None:
         self._detok.put((request, token_ids, finish, error))
 
-    def _on_token(self, request: Request, token: int) -> FinishReason | None:
+    def _on_token(self, request: Request, token: int, logprob: float) -> FinishReason | None:
         """Record a sampled token, stream it, and say whether the request is now done."""
         now = time.monotonic()
         m = request.metrics
@@ -376,6 +396,7 @@ class Engine:
             self.metrics.itl.observe(now - m.token_times[-1])
         m.token_times.append(now)
         request.output_ids.append(token)
+        request.logprobs.append(logprob)
         self.metrics.generation_tokens.inc()
         p = request.params
         finish = None
@@ -429,11 +450,11 @@ class Engine:
                 self.metrics.queue_time.observe(m.scheduled - m.arrival)
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             try:
-                token, k, v = prefill.run(request.all_ids, request.sampling)
+                token, logprob, k, v = prefill.run(request.all_ids, request.sampling, request.next_forced)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the stage
                 self._fail(request, target, pages, exc)
                 continue
-            self._transfers.put(_Handoff(request, target, pages, token, k, v))
+            self._transfers.put(_Handoff(request, target, pages, token, logprob, k, v))
 
     # ------------------------------------------------------------------ transfer
 
@@ -441,7 +462,9 @@ class Engine:
         while (item := self._transfers.get()) is not None:
             request, target = item.request, item.replica
             try:
-                finish = self._on_token(request, int(np.asarray(item.token)[0]))
+                finish = self._on_token(
+                    request, int(np.asarray(item.token)[0]), float(np.asarray(item.logprob)[0])
+                )
                 if finish is not None or request.cancel is not None:
                     self._release(target, item.pages)
                     self._report(request, [], finish or request.cancel)
@@ -486,9 +509,10 @@ class Engine:
             if not running:
                 continue
             try:
-                tokens = replica.step(
+                tokens, logprobs = replica.step(
                     [s.request.all_ids[-1] for s in running], [len(s.request.all_ids) - 1 for s in running],
                     [s.pages for s in running], [s.request.sampling for s in running],
+                    [s.request.next_forced for s in running],
                 )
             except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
                 for seq in running + ready:
@@ -497,8 +521,8 @@ class Engine:
                 ready.clear()
                 replica.reset_pools()
                 continue
-            for seq, token in zip(list(running), tokens, strict=True):
-                finish = self._on_token(seq.request, int(token))
+            for seq, token, logprob in zip(list(running), tokens, logprobs, strict=True):
+                finish = self._on_token(seq.request, int(token), float(logprob))
                 if finish is not None:
                     running.remove(seq)
                     self._release(replica, seq.pages)
@@ -612,7 +636,8 @@ class Engine:
     ) -> None:
         m = request.metrics
         m.finished = time.monotonic()
-        output = Output(request.id, request.prompt_ids, state.token_ids, state.text, finish, m, error)
+        output = Output(request.id, request.prompt_ids, state.token_ids, state.text, finish, m, error,
+                        request.logprobs[: len(state.token_ids)])
         with self._cv:
             self._live.pop(request.id, None)
         self.metrics.requests.labels(finish.value).inc()

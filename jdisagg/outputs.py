@@ -62,3 +62,4 @@ class Output:
     finish_reason: FinishReason
     metrics: RequestMetrics
     error: str | None = None
+    logprobs: list[float] = field(default_factory=list)  # model log-probability of each output token

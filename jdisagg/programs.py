@@ -38,18 +38,19 @@ def _repeat_kv(x: jax.Array, stored_heads: int, axis: int) -> jax.Array:
 
 def prefill_fn(
     graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, length: jax.Array, temperature: jax.Array,
-    top_k: jax.Array, top_p: jax.Array, seed: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """tokens ``[1, T]`` (prompt padded at the end), length ``[]`` -> first token ``[1]``, k, v ``[L, T, KVH, D]``."""
+    top_k: jax.Array, top_p: jax.Array, seed: jax.Array, forced: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """tokens ``[1, T]`` (prompt padded at the end), length ``[]`` ->
+    first token ``[1]``, its logprob ``[1]``, k, v ``[L, T, KVH, D]``."""
     model = nnx.merge(graphdef, state)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     hidden, kvs = model.prefill(tokens, positions)
     last = jax.lax.dynamic_slice_in_dim(hidden[0], length - 1, 1)
     logits = model.logits(last)
-    token = sample_tokens(logits, temperature, top_k, top_p, seed, length[None])
+    token, logprob = sample_tokens(logits, temperature, top_k, top_p, seed, length[None], forced)
     k = jnp.stack([k[0] for k, _ in kvs])
     v = jnp.stack([v[0] for _, v in kvs])
-    return token, k, v
+    return token, logprob, k, v
 
 
 def insert_fn(
@@ -101,13 +102,14 @@ def _paged_attend(
 def decode_fn(
     graphdef: nnx.GraphDef, mesh: Mesh, page_size: int, stored_heads: int, scale: float, backend: str | None,
     state: Any, pools: KVPools, tokens: jax.Array, positions: jax.Array, page_table: jax.Array,
-    temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-) -> tuple[jax.Array, KVPools]:
-    """tokens ``[B]`` at ``positions`` ``[B]`` -> next tokens ``[B]`` and the updated pools."""
+    temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, forced: jax.Array,
+) -> tuple[jax.Array, jax.Array, KVPools]:
+    """tokens ``[B]`` at ``positions`` ``[B]`` -> next tokens ``[B]``, their logprobs, the updated pools."""
     model = nnx.merge(graphdef, state)
     attend = _paged_attend(mesh, page_size, stored_heads, scale, backend, page_table, positions)
     logits, pools = model.decode(tokens, positions, pools, attend)
-    return sample_tokens(logits, temperature, top_k, top_p, seeds, positions + 1), pools
+    tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, seeds, positions + 1, forced)
+    return tokens, logprobs, pools
 
 
 def _abstract(tree: Any) -> Any:
@@ -121,7 +123,7 @@ def _spec(shape: tuple[int, ...], dtype: Any, mesh: Mesh) -> jax.ShapeDtypeStruc
 def _sampling_specs(batch: int, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, ...]:
     return (
         _spec((batch,), jnp.float32, mesh), _spec((batch,), jnp.int32, mesh),
-        _spec((batch,), jnp.float32, mesh), _spec((batch,), jnp.uint32, mesh),
+        _spec((batch,), jnp.float32, mesh), _spec((batch,), jnp.uint32, mesh), _spec((batch,), jnp.int32, mesh),
     )
 
 
@@ -130,7 +132,7 @@ def compile_prefill(
 ) -> jax.stages.Compiled:
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
-        functools.partial(prefill_fn, graphdef), out_shardings=(replicated, kv_out, kv_out)
+        functools.partial(prefill_fn, graphdef), out_shardings=(replicated, replicated, kv_out, kv_out)
     )
     return fn.lower(
         _abstract(state), _spec((1, length), jnp.int32, mesh), _spec((), jnp.int32, mesh),
@@ -156,7 +158,7 @@ def compile_decode(
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
         functools.partial(decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
-        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
+        out_shardings=(replicated, replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
         donate_argnums=(1,),
     )
     return fn.lower(

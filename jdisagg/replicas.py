@@ -71,13 +71,16 @@ def _put(mesh: Mesh, array: np.ndarray) -> jax.Array:
     return jax.device_put(array, NamedSharding(mesh, PartitionSpec()))
 
 
-def _sampling_arrays(mesh: Mesh, rows: Sequence[SamplingRow], size: int) -> list[jax.Array]:
+def _sampling_arrays(
+    mesh: Mesh, rows: Sequence[SamplingRow], forced: Sequence[int], size: int
+) -> list[jax.Array]:
     pad = size - len(rows)
     return [
         _put(mesh, np.array([r.temperature for r in rows] + [0.0] * pad, np.float32)),
         _put(mesh, np.array([r.top_k for r in rows] + [0] * pad, np.int32)),
         _put(mesh, np.array([r.top_p for r in rows] + [1.0] * pad, np.float32)),
         _put(mesh, np.array([r.seed for r in rows] + [0] * pad, np.uint32)),
+        _put(mesh, np.array(list(forced) + [-1] * pad, np.int32)),
     ]
 
 
@@ -104,14 +107,18 @@ class PrefillReplica:
 
         return [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
 
-    def run(self, token_ids: Sequence[int], sampling: SamplingRow) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Dispatch prefill (asynchronously); returns device arrays (token ``[1]``, k, v)."""
+    def run(
+        self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Dispatch prefill (asynchronously); returns device arrays (token ``[1]``, logprob ``[1]``, k, v).
+
+        ``forced >= 0`` takes that token instead of sampling one (scoring a given continuation)."""
         length = bucket_for(len(token_ids), self.buckets)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, : len(token_ids)] = token_ids
         return self._compiled[length](
             self._state, _put(self.mesh, tokens), _put(self.mesh, np.int32(len(token_ids))),
-            *_sampling_arrays(self.mesh, [sampling], 1),
+            *_sampling_arrays(self.mesh, [sampling], [forced], 1),
         )
 
 
@@ -187,9 +194,9 @@ class DecodeReplica:
 
     def step(
         self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]],
-        sampling: Sequence[SamplingRow],
-    ) -> np.ndarray:
-        """One decode step for ``len(tokens)`` sequences; returns their next tokens (blocks on the result)."""
+        sampling: Sequence[SamplingRow], forced: Sequence[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One decode step for ``len(tokens)`` sequences: their next tokens and logprobs (blocks on them)."""
         n = len(tokens)
         batch = bucket_for(n, self.batch_buckets)
         tok = np.zeros((batch,), np.int32)
@@ -198,8 +205,8 @@ class DecodeReplica:
         tok[:n], pos[:n] = tokens, positions
         for row, seq_pages in enumerate(pages):
             table[row, : len(seq_pages)] = seq_pages
-        out, self.pools = self._decode[batch](
+        out, logprobs, self.pools = self._decode[batch](
             self._state, self.pools, _put(self.mesh, tok), _put(self.mesh, pos), _put(self.mesh, table),
-            *_sampling_arrays(self.mesh, sampling, batch),
+            *_sampling_arrays(self.mesh, sampling, forced, batch),
         )
-        return np.asarray(out)[:n]
+        return np.asarray(out)[:n], np.asarray(logprobs)[:n]

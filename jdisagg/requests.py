@@ -27,13 +27,21 @@ class Request:
     sampling: SamplingRow
     stream: RequestStream
     metrics: RequestMetrics
+    forced_ids: list[int] = field(default_factory=list)  # a continuation to score instead of sampling
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     cancel: FinishReason | None = None
     cancel_message: str | None = None
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def next_forced(self) -> int:
+        """The token the next step must take (teacher forcing), or -1 to sample."""
+        n = len(self.output_ids)
+        return self.forced_ids[n] if n < len(self.forced_ids) else -1
 
 
 class RequestStream:

@@ -18,8 +18,13 @@ def sample_tokens(
     top_p: jax.Array,  # [B] float32; 1 = off
     seeds: jax.Array,  # [B] uint32
     positions: jax.Array,  # [B] int32, the position the sampled token will take
-) -> jax.Array:
-    """One token id per row, ``[B] int32``."""
+    forced: jax.Array,  # [B] int32; >= 0 takes that token instead of sampling (teacher forcing, scoring)
+) -> tuple[jax.Array, jax.Array]:
+    """One token id per row ``[B] int32``, and its log-probability under the model ``[B] float32``.
+
+    The log-probability is of the unscaled model distribution (temperature and filters are how we pick, not
+    what the model says), so forced tokens give exactly the model's likelihood of a given continuation.
+    """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -37,4 +42,6 @@ def sample_tokens(
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
     choice = jax.vmap(jax.random.categorical)(keys, masked)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    tokens = jnp.where(forced >= 0, forced, jnp.where(temperature > 0, sampled, greedy))
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
