@@ -254,11 +254,23 @@ class Engine:
         The continuation is forced token by token: its first token is scored by prefill, every later one by
         a decode step reading the paged cache on the decode mesh — the same programs that serve requests.
         """
-        continuation = self._token_ids(continuation, "continuation")
-        if not continuation:
-            raise ValueError("continuation is empty")
-        params = SamplingParams(max_tokens=len(continuation), ignore_eos=True)
-        return self._submit(prompt, params, None, continuation).result().logprobs
+        return self.score_many([(prompt, continuation)])[0]
+
+    def score_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        """``score`` for many (prompt, continuation) pairs at once, batched like any other requests."""
+        streams = []
+        for prompt, continuation in pairs:
+            forced = self._token_ids(continuation, "continuation")
+            if not forced:
+                raise ValueError("continuation is empty")
+            params = SamplingParams(max_tokens=len(forced), ignore_eos=True)
+            while True:
+                try:
+                    streams.append(self._submit(prompt, params, None, forced))
+                    break
+                except QueueFullError:
+                    time.sleep(_IDLE_POLL_S)
+        return [s.result().logprobs for s in streams]
 
     def _token_ids(self, ids: Sequence[int], what: str) -> list[int]:
         ids = [int(t) for t in ids]

@@ -88,11 +88,11 @@ def test_greedy_matches_reference_on_every_layout(checkpoint, reference, prefill
         assert warm == engine.warm_compile_count
         streams = [engine.submit(p, SamplingParams(max_tokens=12)) for p in prompts]  # all in flight at once
         outputs = [s.result(timeout=300) for s in streams]
-        for prompt, out in zip(prompts, outputs, strict=True):
-            assert out.finish_reason == FinishReason.LENGTH
-            assert out.token_ids == reference(tuple(prompt), 12), (prefill, decode, len(prompt))
         assert compile_count() == warm, "serving compiled a program after warm-up"
         _assert_no_pages(engine)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.finish_reason == FinishReason.LENGTH
+        assert out.token_ids == reference(tuple(prompt), 12), (prefill, decode, len(prompt))
 
 
 def test_pallas_interpret_kernel_end_to_end(checkpoint, reference):

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{smoothed:.3f}")
     train_seconds = time.perf_counter() - start
 
-    model = nnx.merge(graphdef, state)
-    save_hf_safetensors(model, args.out, dtype=jnp.bfloat16)
-    saved = nnx.split(load_hf_model(args.out))[1]
+    # Ship bf16 (half the bytes); the engine loads the demo back as float32, as the evaluation below does.
+    save_hf_safetensors(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)), args.out)
+    saved = nnx.split(load_hf_model(args.out, param_dtype=jnp.float32, progress=False))[1]
     val_loss = evaluate(graphdef, saved, val, args.context)
     train_loss = evaluate(graphdef, saved, train[: len(val)], args.context)
     report = {

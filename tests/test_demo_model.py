@@ -1,0 +1,69 @@
+"""The shipped demo model, measured through the serving path.
+
+Held-out text (the last 5% of tinyshakespeare, never trained on) is scored by forcing it token by token
+through prefill, the KV hand-off and decode steps on the paged cache (``Engine.score``). The result must
+equal the training forward's loss on the same windows, and be a real language model's (≤ 2.2 bits/byte).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jdisagg.engine import Engine
+from jdisagg.models.demo import DEMO_DIR, load_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 128  # bytes predicted per window
+
+
+def _load_train_demo():
+    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "tools" / "train_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_demo = _load_train_demo()
+
+
+@pytest.fixture(scope="module")
+def windows() -> np.ndarray:
+    assert (DEMO_DIR / "model.safetensors").exists(), "the demo weights are not shipped"
+    _, val = train_demo.split_text()
+    n = (len(val) - 1) // (WINDOW + 1)
+    return np.stack([val[i * (WINDOW + 1) : (i + 1) * (WINDOW + 1)] for i in range(n)])
+
+
+def _training_forward_bits(rows: np.ndarray) -> float:
+    graphdef, state = nnx.split(load_demo_model())
+    loss = jax.jit(lambda s, t: train_demo.next_token_loss(graphdef, s, jnp.asarray(t)))
+    nats = [float(loss(state, rows[i : i + 32])) * len(rows[i : i + 32]) for i in range(0, len(rows), 32)]
+    return sum(nats) / len(rows) / math.log(2)
+
+
+def _serving_bits(engine: Engine, rows: np.ndarray) -> float:
+    logprobs = engine.score_many([(row[:1].tolist(), row[1:].tolist()) for row in rows])
+    return -float(np.mean(np.concatenate(logprobs))) / math.log(2)
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "colocate", "subset"),
+    [("4x1", "2x2", False, None), ("2x1", "1x2", False, 48), ("1x1", "1x1", True, 48)],
+)
+def test_validation_bits_per_byte_through_serving_path(windows, prefill, decode, colocate, subset):
+    rows = windows if subset is None else windows[:: len(windows) // subset][:subset]
+    with Engine(prefill_mesh=prefill, decode_mesh=decode, colocate=colocate, max_context=256, max_batch=16,
+                progress=False) as engine:
+        served = _serving_bits(engine, rows)
+        assert engine.stats()["pages_used"] == [0] * len(engine.stats()["pages_used"])
+    reference = _training_forward_bits(rows)
+    assert abs(served - reference) < 1e-3, (served, reference)
+    assert served <= 2.2, f"validation bits/byte {served:.3f} > 2.2"
