@@ -127,8 +127,9 @@ class IncrementalDetokenizer:
     Decoding ids one by one is wrong (a character's bytes can span tokens; some decoders strip a leading
     space at the start of what they decode) and decoding everything each step is quadratic. So each step
     decodes a window: the previous step's tokens (the *prefix*, for context) plus the new ones, and emits
-    the part of the window's text beyond the prefix's text. While that text ends in U+FFFD the tail is an
-    unfinished character and is held back until the next tokens complete it (or ``flush``).
+    the part of the window's text beyond the prefix's text. When that text ends in U+FFFD, the last (up
+    to 4) tokens are an unfinished character: the text before them is emitted and they are held back
+    until the next tokens complete them (or ``flush``).
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -141,25 +142,35 @@ class IncrementalDetokenizer:
         """Append tokens; return the newly completed text (possibly empty)."""
         start = len(self._ids)
         self._ids.extend(token_ids)
-        if len(self._ids) == start:
+        total = len(self._ids)
+        if total == start:
             return ""
-        prefix_text, text = self._decode_window()
-        if text.endswith(REPLACEMENT) and len(self._ids) - self._read <= _MAX_HELD_TOKENS:
-            return ""
-        return self._advance(prefix_text, text)
+        prefix_text = self._decode(self._read)
+        full_text = self._decode(total)
+        if not full_text.endswith(REPLACEMENT):
+            return self._advance(prefix_text, full_text, total)
+        for end in range(total - 1, max(self._read, total - _MAX_HELD_TOKENS - 1), -1):
+            text = self._decode(end)
+            if not text.endswith(REPLACEMENT):
+                return self._advance(prefix_text, text, end)
+        if total - self._read > _MAX_HELD_TOKENS:  # too long to be one character: invalid bytes
+            return self._advance(prefix_text, full_text, total)
+        return ""
 
     def flush(self) -> str:
         """Everything still held back (an unfinished character shows as U+FFFD)."""
-        if self._read == len(self._ids):
+        total = len(self._ids)
+        if self._read == total:
             return ""
-        return self._advance(*self._decode_window())
+        return self._advance(self._decode(self._read), self._decode(total), total)
 
-    def _decode_window(self) -> tuple[str, str]:
-        window = self._ids[self._prefix:]
-        return self.tokenizer.decode(window[: self._read - self._prefix]), self.tokenizer.decode(window)
+    def _decode(self, end: int) -> str:
+        """The text of the window: tokens from the prefix start up to ``end``."""
+        return self.tokenizer.decode(self._ids[self._prefix:end])
 
-    def _advance(self, prefix_text: str, text: str) -> str:
-        self._prefix, self._read = self._read, len(self._ids)
+    def _advance(self, prefix_text: str, text: str, end: int) -> str:
+        """Emit the window's text up to token ``end``; those tokens become the next prefix."""
+        self._prefix, self._read = self._read, end
         return text[len(prefix_text):]
 
 

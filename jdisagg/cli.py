@@ -1,0 +1,213 @@
+"""The ``jdisagg`` command: ``launch`` a server, ``generate`` from one, ``info`` on a layout.
+
+Only argument parsing lives here; each subcommand's work is imported when it runs, so ``--help`` and
+``generate`` never pay for importing JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+_PROG = "jdisagg"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line, ``jdisagg: error: <reason>``, exit 2: scripts grep it; usage is in --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{_PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text}")
+    return value
+
+
+def _add_layout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="checkpoint directory: HF (config.json + safetensors) or a jdisagg/orbax checkpoint "
+                        "(default: the built-in demo model)")
+    p.add_argument("--prefill-mesh", metavar="TPxDP", default=None,
+                   help="prefill devices as TPxDP (tensor-parallel degree x replicas), e.g. 4x1, or "
+                        "tp=4,dp=1 "
+                        "(default: 4x1 when 8 devices are visible, else what fits)")
+    p.add_argument("--decode-mesh", metavar="TPxDP", default=None,
+                   help="decode devices as TPxDP, e.g. 2x2 = two independent replicas of 2-way tensor "
+                        "parallelism (default: 2x2 when 8 devices are visible, else what fits)")
+    p.add_argument("--colocate", action="store_true",
+                   help="put prefill and decode on the same devices instead of disjoint ones (the baseline "
+                        "disaggregation is measured against)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=_PROG, description="Disaggregated prefill/decode LLM serving on JAX.")
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    launch = subs.add_parser(
+        "launch", help="start a gRPC server", description=(
+            "Load a model, compile its prefill and decode programs on their meshes and serve jdisagg.v1."
+            "Generation over gRPC (with health and reflection) until SIGTERM/SIGINT, then drain. Without an "
+            "accelerator the host CPU is split into 8 virtual devices."))
+    _add_layout_flags(launch)
+    launch.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    launch.add_argument("--port", type=_port, default=50051,
+                        help="gRPC port; 0 picks a free one (default: %(default)s)")
+    launch.add_argument("--metrics-port", type=_port, default=9400,
+                        help="port of the Prometheus /metrics endpoint; 0 turns it off "
+                             "(default: %(default)s)")
+    launch.add_argument("--max-batch", type=_positive, default=8,
+                        help="sequences per decode replica and step (default: %(default)s)")
+    launch.add_argument("--page-size", type=_positive, default=16,
+                        help="tokens per KV-cache page, a power of two (default: %(default)s)")
+    launch.add_argument("--num-pages", type=_positive, default=None,
+                        help="KV-cache pages per decode replica (default: enough for every batch slot to "
+                             "hold a full context)")
+    launch.add_argument("--max-context", type=_positive, default=None,
+                        help="longest sequence, prompt + output, a multiple of --page-size (default: the "
+                             "model's positions, at most 1024)")
+    launch.add_argument("--max-queue", type=_positive, default=256,
+                        help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED "
+                             "(default: %(default)s)")
+    launch.add_argument("--attention-backend", default=None,
+                        help="paged-attention implementation in jdisagg.kernels "
+                             "(default: chosen by platform)")
+    launch.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds to let in-flight requests finish on SIGTERM/SIGINT before aborting "
+                             "them (default: %(default)s)")
+    launch.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars while placing weights and compiling")
+    launch.set_defaults(run=_launch)
+
+    gen = subs.add_parser(
+        "generate", help="stream a completion from a server", description=(
+            "Send one prompt to a running server and stream the generated text to stdout as it arrives. "
+            "Sampling flags left out use the server's defaults."))
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--server", default="127.0.0.1:50051",
+                     help="HOST:PORT of the server (default: %(default)s)")
+    gen.add_argument("--max-tokens", type=int, default=None,
+                     help="tokens to generate at most (server default 16)")
+    gen.add_argument("--temperature", type=float, default=None, help="0 is greedy (server default 0)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens; 0 disables (server default 0)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling mass in (0, 1]; 1 disables (server default 1)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="makes sampling reproducible, in [0, 2**32) (default: random)")
+    gen.add_argument("--stop", action="append", default=[], metavar="S",
+                     help="stop when the text contains S (not printed); repeat for several")
+    gen.add_argument("--timeout", type=float, default=300.0,
+                     help="deadline of the request in seconds (default: %(default)s)")
+    gen.set_defaults(run=_generate)
+
+    info = subs.add_parser(
+        "info", help="show devices, meshes and per-phase shardings", description=(
+            "Print the visible devices, the prefill and decode meshes the flags give, and how each "
+            "parameter and the KV cache are sharded in each phase. Loads no weights."))
+    _add_layout_flags(info)
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from jdisagg.serving.launch import LaunchError, LaunchOptions, launch
+
+    opts = LaunchOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    try:
+        return launch(opts)
+    except LaunchError as exc:
+        return _fail(2, str(exc))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from jdisagg.serving.client import make_request
+    from jdisagg.v1 import jdisagg_pb2_grpc as pb_grpc
+
+    request = make_request(
+        args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop=args.stop,
+    )
+    with grpc.insecure_channel(args.server) as channel:
+        call = pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout)
+        wrote = False
+        try:
+            for response in call:
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+                wrote = wrote or bool(response.text)
+        except grpc.RpcError as exc:
+            return _fail(1, f"{exc.code().name}: {exc.details()}", newline=wrote)
+        except KeyboardInterrupt:
+            call.cancel()  # frees the request's KV pages on the server now
+            return 130
+    sys.stdout.write("\n")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from jdisagg.serving.devices import choose_meshes, describe_devices, request_host_devices
+
+    request_host_devices()
+    import jax
+
+    from jdisagg.meshes import build_layout
+    from jdisagg.serving.plan import model_config, sharding_table
+
+    meshes = choose_meshes(args.prefill_mesh, args.decode_mesh, args.colocate, jax.device_count())
+    try:
+        layout = build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
+        config = model_config(args.model)
+        table = sharding_table(config, layout)
+    except (ValueError, OSError) as exc:
+        return _fail(2, str(exc))
+    print(f"devices: {describe_devices()}")
+    print(f"meshes: prefill {meshes.prefill}, decode {meshes.decode}")
+    print(layout.describe())
+    print(f"model: {args.model or 'built-in demo'} ({config.num_layers} layers, {config.num_heads} heads, "
+          f"{config.num_kv_heads} kv heads, vocab {config.vocab_size})")
+    print(table)
+    return 0
+
+
+def _fail(code: int, message: str, newline: bool = False) -> int:
+    """Report on stderr; ``newline`` ends a partly streamed line on stdout first."""
+    if newline:
+        sys.stdout.write("\n")
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger(_PROG).setLevel(logging.INFO)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

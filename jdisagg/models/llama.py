@@ -1,0 +1,185 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) in ``flax.nnx``, split as disaggregated serving runs it.
+
+``prefill`` is the dense causal forward over a prompt and hands back every layer's k/v; ``decode`` advances
+one token per sequence and leaves the KV cache and the attention kernel to the caller through ``attend``,
+so the same weights serve a paged cache, a dense test cache, or any kernel the engine picks.
+
+Conventions:
+- ``prefill`` and ``decode`` work on the residual stream *before* the final norm; ``logits`` applies the
+  final norm and the LM head. So ``logits(prefill(...)[0])`` are the full logits.
+- Attribute names mirror HF (``layers/0/self_attn/q_proj/kernel``): the sharding rules and the loader
+  match these paths. Linear kernels are ``[in, out]`` (HF weights transposed).
+- RMSNorm statistics, attention scores and softmax are float32; everything else runs in the param dtype.
+- Attention is always over the full context, also for configs with a ``sliding_window`` (exact for
+  sequences no longer than the window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import DTypeLike
+
+from jdisagg.models.config import ModelConfig
+from jdisagg.models.norm import RMSNorm
+from jdisagg.models.rope import apply_rope, inverse_frequencies
+
+C = TypeVar("C")
+Attend = Callable[[jax.Array, jax.Array, jax.Array, C], tuple[jax.Array, C]]
+
+
+def _linear(
+    in_features: int, out_features: int, *, bias: bool, dtype: DTypeLike, rngs: nnx.Rngs
+) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """q/k/v/o projections; the attending is done by the caller (dense in prefill, ``attend`` in decode)."""
+
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+        d, h, kvh, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
+        self.q_proj = _linear(d, h * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = _linear(d, kvh * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = _linear(d, kvh * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = _linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs)
+
+    def qkv(
+        self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x [..., D]`` -> q ``[..., H, hd]``, k, v ``[..., KVH, hd]``; q and k rotated to ``positions``."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def out(self, attended: jax.Array) -> jax.Array:
+        """``[..., H, hd]`` -> ``[..., D]``."""
+        return self.o_proj(attended.reshape(*attended.shape[:-2], self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SiLU-gated feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = _linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = _linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = _linear(f, d, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block, split around the attention so prefill and decode can attend differently."""
+
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype
+        )
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def qkv(
+        self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
+
+    def finish(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+        """Residual stream after this layer, from its input ``x`` and attention output ``[..., H, hd]``."""
+        x = x + self.self_attn.out(attended.astype(x.dtype))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Dense causal GQA: q ``[B, T, H, hd]``, k/v ``[B, T, KVH, hd]`` -> ``[B, T, H, hd]``.
+
+    Token i attends to tokens j <= i of its row, so padding at the end of a row never reaches real tokens.
+    Query head h reads kv head ``h // (H // KVH)``: the grouped reshape below is that mapping without
+    materialising repeated k/v.
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    grouped = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32) * hd**-0.5
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
+class Llama(nnx.Module):
+    """Llama-family causal LM implementing ``jdisagg.models.protocol.ServingModel``.
+
+    ``param_dtype`` defaults to ``config.dtype``; activations run in the param dtype.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype: DTypeLike | None = None) -> None:
+        dtype = jnp.dtype(config.dtype if param_dtype is None else param_dtype)
+        self.config = config
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else _linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """Dense causal forward: tokens, positions ``[B, T]`` -> float32 logits ``[B, T, V]``."""
+        hidden, _ = self.prefill(tokens, positions)
+        return self.logits(hidden)
+
+    def prefill(
+        self, tokens: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+        """Causal forward over ``[B, T]`` -> pre-final-norm hidden ``[B, T, D]`` and per-layer (k, v).
+
+        k (after rope) and v are ``[B, T, KVH, hd]``: exactly what ``decode``'s ``attend`` must see again.
+        """
+        inv_freq = inverse_frequencies(self.config)
+        x = self.embed_tokens(tokens)
+        kvs = []
+        for layer in self.layers:
+            q, k, v = layer.qkv(x, positions, inv_freq)
+            x = layer.finish(x, causal_attention(q, k, v))
+            kvs.append((k, v))
+        return x, kvs
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, caches: list[C], attend: Attend
+    ) -> tuple[jax.Array, list[C]]:
+        """One token per sequence: tokens, positions ``[B]`` -> float32 logits ``[B, V]`` and updated caches.
+
+        Per layer, ``attend(q [B, H, hd], k [B, KVH, hd], v [B, KVH, hd], cache)`` must store k/v at
+        ``positions`` and return the attention output ``[B, H, hd]`` over positions ``0..positions``
+        (scale ``head_dim ** -0.5``) together with the new cache.
+        """
+        inv_freq = inverse_frequencies(self.config)
+        x = self.embed_tokens(tokens)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            q, k, v = layer.qkv(x, positions, inv_freq)
+            attended, cache = attend(q, k, v, cache)
+            x = layer.finish(x, attended)
+            new_caches.append(cache)
+        return self.logits(x), new_caches
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm + LM head (the embedding transposed when tied): ``[..., D]`` -> float32 ``[..., V]``."""
+        normed = self.norm(hidden)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(normed).astype(jnp.float32)
+        return self.lm_head(normed).astype(jnp.float32)

@@ -1,0 +1,169 @@
+"""The Llama-family model: logits parity with transformers; prefill + decode agree with the dense forward."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jdisagg.models import Llama, ModelConfig, init_model, load_hf_model
+from jdisagg.models.demo import DEMO_CONFIG
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+HF_CONFIGS = {
+    "llama3-rope": lambda: transformers.LlamaConfig(**TINY, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "llama-linear-rope": lambda: transformers.LlamaConfig(
+        **TINY, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=500.0),
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=32),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=True),
+}
+
+
+def _hf_checkpoint(name: str, directory) -> transformers.PreTrainedModel:
+    """A tiny random float32 HF model saved as safetensors; params jittered so no bias or norm is trivial."""
+    torch.manual_seed(0)
+    config = HF_CONFIGS[name]()
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def _tokens(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    tokens = np.random.default_rng(seed).integers(0, vocab, (batch, length), dtype=np.int32)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+    return jnp.asarray(tokens), jnp.asarray(positions)
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def hf_pair(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model = _hf_checkpoint(request.param, directory)
+    return hf_model, load_hf_model(directory, progress=False)
+
+
+def test_logits_match_transformers(hf_pair):
+    hf_model, model = hf_pair
+    tokens, positions = _tokens(2, 12, model.config.vocab_size)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+    actual = np.asarray(model(tokens, positions))
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
+
+
+def _dense_attend(positions: jax.Array):
+    """A reference ``attend``: cache = dense (k, v) ``[B, S, KVH, hd]``, written at ``positions``."""
+
+    def attend(q, k, v, cache):
+        k_cache, v_cache = cache
+        rows = jnp.arange(q.shape[0])
+        k_cache = k_cache.at[rows, positions].set(k)
+        v_cache = v_cache.at[rows, positions].set(v)
+        groups = q.shape[1] // k.shape[1]
+        keys, values = jnp.repeat(k_cache, groups, axis=2), jnp.repeat(v_cache, groups, axis=2)
+        scores = jnp.einsum("bhd,bshd->bhs", q, keys) * q.shape[-1] ** -0.5
+        visible = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]
+        scores = jnp.where(visible[:, None, :], scores, -jnp.inf)
+        return jnp.einsum("bhs,bshd->bhd", jax.nn.softmax(scores, axis=-1), values), (k_cache, v_cache)
+
+    return attend
+
+
+@jax.jit
+def _decode_step(graphdef, state, tokens, positions, caches):
+    model = nnx.merge(graphdef, state)
+    return model.decode(tokens, positions, caches, _dense_attend(positions))
+
+
+def test_prefill_then_decode_matches_dense_forward(hf_pair):
+    """Prefill a prompt, decode the rest one token at a time: same logits as one causal forward."""
+    _, model = hf_pair
+    batch, prompt, total = 2, 5, 11
+    tokens, positions = _tokens(batch, total, model.config.vocab_size, seed=1)
+    dense = np.asarray(model(tokens, positions))
+
+    hidden, kvs = model.prefill(tokens[:, :prompt], positions[:, :prompt])
+    np.testing.assert_allclose(np.asarray(model.logits(hidden)), dense[:, :prompt], atol=1e-5, rtol=0)
+    pad = ((0, 0), (0, total - prompt), (0, 0), (0, 0))
+    caches = [(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kvs]
+    graphdef, state = nnx.split(model)
+    for t in range(prompt, total):
+        logits, caches = _decode_step(graphdef, state, tokens[:, t], positions[:, t], caches)
+        assert logits.shape == (batch, model.config.vocab_size) and logits.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(logits), dense[:, t], atol=1e-5, rtol=0)
+
+
+def test_prefill_padding_at_row_end_does_not_change_real_tokens():
+    config = dataclasses.replace(DEMO_CONFIG, num_layers=2, hidden_size=64, intermediate_size=128, head_dim=8)
+    graphdef, state = nnx.split(init_model(config, seed=0))
+    prefill = jax.jit(lambda state, t, p: nnx.merge(graphdef, state).prefill(t, p))
+    tokens, positions = _tokens(1, 16, config.vocab_size, seed=2)
+    hidden, kvs = prefill(state, tokens[:, :9], positions[:, :9])
+    padded_hidden, padded_kvs = prefill(state, tokens, positions)
+    np.testing.assert_allclose(np.asarray(padded_hidden[:, :9]), np.asarray(hidden), atol=1e-5)
+    for (k, v), (pk, pv) in zip(kvs, padded_kvs, strict=True):
+        assert pk.shape == (1, 16, config.num_kv_heads, config.head_dim)
+        np.testing.assert_allclose(np.asarray(pk[:, :9]), np.asarray(k), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(pv[:, :9]), np.asarray(v), atol=1e-5)
+
+
+def test_param_paths_match_sharding_rules():
+    model = nnx.eval_shape(lambda: Llama(DEMO_CONFIG, rngs=nnx.Rngs(0)))
+    paths = {"/".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    d, hd = DEMO_CONFIG.hidden_size, DEMO_CONFIG.head_dim
+    assert paths["embed_tokens/embedding"] == (DEMO_CONFIG.vocab_size, d)
+    assert paths["layers/0/self_attn/q_proj/kernel"] == (d, DEMO_CONFIG.num_heads * hd)
+    assert paths["layers/3/self_attn/k_proj/kernel"] == (d, DEMO_CONFIG.num_kv_heads * hd)
+    assert paths["layers/0/mlp/down_proj/kernel"] == (DEMO_CONFIG.intermediate_size, d)
+    assert paths["layers/0/input_layernorm/scale"] == (d,)
+    assert paths["lm_head/kernel"] == (d, DEMO_CONFIG.vocab_size)
+    assert not any(p.endswith("bias") for p in paths)
+
+
+def test_config_round_trips_through_transformers():
+    config = ModelConfig.from_hf(HF_CONFIGS["llama3-rope"]().to_dict())
+    assert config.rope_scaling["rope_type"] == "llama3" and config.head_dim == 16
+    hf = transformers.LlamaConfig(**config.to_hf_dict())
+    assert ModelConfig.from_hf(hf.to_dict()) == config
+    qwen = ModelConfig.from_hf(HF_CONFIGS["qwen2"]().to_dict())
+    assert qwen.attention_bias and qwen.tie_word_embeddings
+    assert ModelConfig.from_hf(transformers.Qwen2Config(**qwen.to_hf_dict()).to_dict()) == qwen
+    mistral = ModelConfig.from_hf(HF_CONFIGS["mistral"]().to_dict())
+    assert mistral.sliding_window == 32
+
+
+def test_config_reads_transformers_4_layout():
+    config = ModelConfig.from_hf({
+        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
+        "rope_scaling": {"type": "linear", "factor": 4.0}, "eos_token_id": [1, 2], "torch_dtype": "bfloat16",
+    })
+    assert config.rope_theta == 500000.0 and config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    assert config.num_kv_heads == 2 and config.head_dim == 4
+    assert config.eos_token_ids == (1, 2) and config.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope type"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_config_rejects_unsupported(change, message):
+    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(base | change)
