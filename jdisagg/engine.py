@@ -112,7 +112,9 @@ def _load(model: Any, tokenizer: Tokenizer | None) -> tuple[nnx.Module, Tokenize
         else:
             module = loading.restore_checkpoint(path)
         return module, tokenizer or load_tokenizer(path)
-    raise ValueError(f"model must be None, a checkpoint directory or an nnx.Module, got {type(model).__name__}")
+    raise ValueError(
+        f"model must be None, a checkpoint directory or an nnx.Module, got {type(model).__name__}"
+    )
 
 
 class Engine:
@@ -151,8 +153,9 @@ class Engine:
         module, self.tokenizer = _load(model, tokenizer)
         self.config = config = module.config
         for phase in (self.layout.prefill, self.layout.decode):
-            check_fits(phase.spec, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-                       phase=phase.name)
+            check_fits(
+                phase.spec, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, phase=phase.name
+            )
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if max_batch < 1:
@@ -180,8 +183,12 @@ class Engine:
         prefill_buckets = power_of_two_buckets(max(page_size, 16), self.max_context)
         batch_buckets = power_of_two_buckets(1, max_batch)
         log.info("%s", self.layout.describe())
-        placed = tqdm(desc="placing params", total=len(self.layout.prefill.replicas)
-                      + len(self.layout.decode.replicas), disable=not progress, unit="replica")
+        placed = tqdm(
+            desc="placing params",
+            total=len(self.layout.prefill.replicas) + len(self.layout.decode.replicas),
+            disable=not progress,
+            unit="replica",
+        )
         self._prefill: list[PrefillReplica] = []
         for i, mesh in enumerate(self.layout.prefill.replicas):
             params = place_params(state, mesh, PHASE_RULES["prefill"], shape)
@@ -190,11 +197,22 @@ class Engine:
         self._decode: list[DecodeReplica] = []
         for i, mesh in enumerate(self.layout.decode.replicas):
             params = place_params(state, mesh, PHASE_RULES["decode"], shape)
-            self._decode.append(DecodeReplica(
-                i, mesh, graphdef, params, shape, num_pages=num_pages, page_size=page_size,
-                max_context=self.max_context, prefill_buckets=prefill_buckets, batch_buckets=batch_buckets,
-                attention_backend=attention_backend, kv_dtype=kv_dtype,
-            ))
+            self._decode.append(
+                DecodeReplica(
+                    i,
+                    mesh,
+                    graphdef,
+                    params,
+                    shape,
+                    num_pages=num_pages,
+                    page_size=page_size,
+                    max_context=self.max_context,
+                    prefill_buckets=prefill_buckets,
+                    batch_buckets=batch_buckets,
+                    attention_backend=attention_backend,
+                    kv_dtype=kv_dtype,
+                )
+            )
             placed.update()
         placed.close()
         del state, module
@@ -216,18 +234,26 @@ class Engine:
         self._detok: queue.Queue[tuple[Request, list[int], FinishReason | None, str | None] | None] = (
             queue.Queue()
         )
-        self._threads = [
-            threading.Thread(target=self._prefill_loop, args=(p,), name=f"prefill-{p.index}", daemon=True)
-            for p in self._prefill
-        ] + [threading.Thread(target=self._transfer_loop, name="transfer", daemon=True)] + [
-            threading.Thread(target=self._decode_loop, args=(d,), name=f"decode-{d.index}", daemon=True)
-            for d in self._decode
-        ] + [threading.Thread(target=self._detok_loop, name="detokenize", daemon=True)]
+        self._threads = (
+            [
+                threading.Thread(target=self._prefill_loop, args=(p,), name=f"prefill-{p.index}", daemon=True)
+                for p in self._prefill
+            ]
+            + [threading.Thread(target=self._transfer_loop, name="transfer", daemon=True)]
+            + [
+                threading.Thread(target=self._decode_loop, args=(d,), name=f"decode-{d.index}", daemon=True)
+                for d in self._decode
+            ]
+            + [threading.Thread(target=self._detok_loop, name="detokenize", daemon=True)]
+        )
         for thread in self._threads:
             thread.start()
         self._update_gauges()
-        log.info("engine ready: %d compiled programs, %d XLA compilations", self._num_programs,
-                 self.warm_compile_count)
+        log.info(
+            "engine ready: %d compiled programs, %d XLA compilations",
+            self._num_programs,
+            self.warm_compile_count,
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -243,7 +269,11 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def submit(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, request_id: str | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
     ) -> RequestStream:
         """Queue a request; returns its stream at once. Raises ``ValueError`` for bad input."""
         return self._submit(prompt, params or SamplingParams(), request_id, [])
@@ -276,7 +306,9 @@ class Engine:
         ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"{what} token ids {bad[:8]} are outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(
+                f"{what} token ids {bad[:8]} are outside the vocabulary [0, {self.config.vocab_size})"
+            )
         return ids
 
     def _submit(
@@ -295,8 +327,15 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         sampling = SamplingRow(params.temperature, params.top_k, params.top_p, seed)
         stream = RequestStream(request_id, self.abort)
-        request = Request(request_id, ids, params, sampling, stream, RequestMetrics(arrival=time.monotonic()),
-                          forced_ids=forced)
+        request = Request(
+            request_id,
+            ids,
+            params,
+            sampling,
+            stream,
+            RequestMetrics(arrival=time.monotonic()),
+            forced_ids=forced,
+        )
         with self._cv:
             if not self._accepting:
                 raise EngineClosedError("engine is shutting down")
@@ -346,8 +385,11 @@ class Engine:
         return {
             "pages_used": [r.allocator.used for r in self._decode],
             "pages_total": [r.allocator.capacity for r in self._decode],
-            "queue_depth": {"waiting": len(self._waiting), "transfer": self._transfers.qsize(),
-                            "decode_inbox": sum(q.qsize() for q in self._inboxes.values())},
+            "queue_depth": {
+                "waiting": len(self._waiting),
+                "transfer": self._transfers.qsize(),
+                "decode_inbox": sum(q.qsize() for q in self._inboxes.values()),
+            },
             "live": len(self._live),
             "compile_count": compile_count(),
         }
@@ -419,7 +461,9 @@ class Engine:
         self._report(request, [token], None)
         return finish
 
-    def _fail(self, request: Request, replica: DecodeReplica | None, pages: list[int], exc: BaseException) -> None:
+    def _fail(
+        self, request: Request, replica: DecodeReplica | None, pages: list[int], exc: BaseException
+    ) -> None:
         log.exception("request %s failed", request.id, exc_info=exc)
         if replica is not None:
             self._release(replica, pages)
@@ -522,8 +566,10 @@ class Engine:
                 continue
             try:
                 tokens, logprobs = replica.step(
-                    [s.request.all_ids[-1] for s in running], [len(s.request.all_ids) - 1 for s in running],
-                    [s.pages for s in running], [s.request.sampling for s in running],
+                    [s.request.all_ids[-1] for s in running],
+                    [len(s.request.all_ids) - 1 for s in running],
+                    [s.pages for s in running],
+                    [s.request.sampling for s in running],
                     [s.request.next_forced for s in running],
                 )
             except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
@@ -541,7 +587,10 @@ class Engine:
                     self._report(seq.request, [], finish)
 
     def _admit(
-        self, replica: DecodeReplica, item: tuple[Request, list[int], jax.Array, jax.Array], ready: list[_Sequence]
+        self,
+        replica: DecodeReplica,
+        item: tuple[Request, list[int], jax.Array, jax.Array],
+        ready: list[_Sequence],
     ) -> None:
         request, pages, k, v = item
         if request.cancel is not None:
@@ -560,7 +609,7 @@ class Engine:
         (running if seq in running else ready).remove(seq)
 
     def _grow(self, replica: DecodeReplica, running: list[_Sequence], ready: list[_Sequence]) -> None:
-        """Give every running sequence a page for its next token, preempting the youngest when out of pages."""
+        """Give each running sequence a page for its next token; out of pages, preempt the youngest."""
         for seq in sorted(running, key=lambda s: s.order):
             need = pages_needed(len(seq.request.all_ids), self.page_size) - len(seq.pages)
             while need > 0 and seq in running:
@@ -580,7 +629,9 @@ class Engine:
         request = seq.request
         request.metrics.preemptions += 1
         self.metrics.preemptions.inc()
-        log.info("preempted %s (%d tokens) on decode replica %d", request.id, len(request.all_ids), replica.index)
+        log.info(
+            "preempted %s (%d tokens) on decode replica %d", request.id, len(request.all_ids), replica.index
+        )
         with self._cv:
             if request.cancel is not None:
                 self._report(request, [], request.cancel)
@@ -643,13 +694,26 @@ class Engine:
         return min(hits) if hits else None
 
     def _finish(
-        self, request: Request, state: _DetokState, token_ids: list[int], delta: str, finish: FinishReason,
+        self,
+        request: Request,
+        state: _DetokState,
+        token_ids: list[int],
+        delta: str,
+        finish: FinishReason,
         error: str | None,
     ) -> None:
         m = request.metrics
         m.finished = time.monotonic()
-        output = Output(request.id, request.prompt_ids, state.token_ids, state.text, finish, m, error,
-                        request.logprobs[: len(state.token_ids)])
+        output = Output(
+            request.id,
+            request.prompt_ids,
+            state.token_ids,
+            state.text,
+            finish,
+            m,
+            error,
+            request.logprobs[: len(state.token_ids)],
+        )
         with self._cv:
             self._live.pop(request.id, None)
         self.metrics.requests.labels(finish.value).inc()

@@ -75,7 +75,13 @@ def kv_sharding(mesh: Mesh, stored_heads: int, head_axis: int) -> NamedSharding:
 
 
 def init_page_pools(
-    mesh: Mesh, *, num_layers: int, stored_heads: int, num_pages: int, page_size: int, head_dim: int,
+    mesh: Mesh,
+    *,
+    num_layers: int,
+    stored_heads: int,
+    num_pages: int,
+    page_size: int,
+    head_dim: int,
     dtype: jnp.dtype,
 ) -> KVPools:
     """Zeroed pools placed straight onto the replica's devices (no host copy)."""

@@ -9,7 +9,23 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 
 
@@ -19,15 +35,21 @@ class EngineMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram(
-            "jdisagg_time_to_first_token_seconds", "Arrival to first token.", registry=r,
+            "jdisagg_time_to_first_token_seconds",
+            "Arrival to first token.",
+            registry=r,
             buckets=_LATENCY_BUCKETS,
         )
         self.tpot = Histogram(
-            "jdisagg_time_per_output_token_seconds", "Mean time per output token after the first, per request.",
-            registry=r, buckets=_LATENCY_BUCKETS,
+            "jdisagg_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
         )
         self.itl = Histogram(
-            "jdisagg_inter_token_latency_seconds", "Time between consecutive tokens of a stream.", registry=r,
+            "jdisagg_inter_token_latency_seconds",
+            "Time between consecutive tokens of a stream.",
+            registry=r,
             buckets=_LATENCY_BUCKETS,
         )
         self.queue_time = Histogram(

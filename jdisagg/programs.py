@@ -8,7 +8,7 @@ compiled executables, so a request of a new length never triggers a compile on t
                returns the prompt's KV as ``[layers, T, kv_heads, head_dim]``.
 - insert[T]    (decode replica): scatters one prompt's KV into its pages of the donated pools.
 - decode[B]    (decode replica, TP): one token for each of B sequences; writes the new KV into its page and
-               runs paged attention through ``jdisagg.kernels`` inside ``shard_map`` (kernels see local heads).
+               runs paged attention through ``jdisagg.kernels`` in ``shard_map`` (kernels see local heads).
 """
 
 from __future__ import annotations
@@ -37,8 +37,15 @@ def _repeat_kv(x: jax.Array, stored_heads: int, axis: int) -> jax.Array:
 
 
 def prefill_fn(
-    graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, length: jax.Array, temperature: jax.Array,
-    top_k: jax.Array, top_p: jax.Array, seed: jax.Array, forced: jax.Array,
+    graphdef: nnx.GraphDef,
+    state: Any,
+    tokens: jax.Array,
+    length: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    seed: jax.Array,
+    forced: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """tokens ``[1, T]`` (prompt padded at the end), length ``[]`` ->
     first token ``[1]``, its logprob ``[1]``, k, v ``[L, T, KVH, D]``."""
@@ -56,7 +63,7 @@ def prefill_fn(
 def insert_fn(
     page_size: int, stored_heads: int, pools: KVPools, k: jax.Array, v: jax.Array, page_ids: jax.Array
 ) -> KVPools:
-    """Scatter ``[L, T, KVH, D]`` into pages ``page_ids`` (``[T // page_size]``; padding pages are scratch)."""
+    """Scatter ``[L, T, KVH, D]`` into pages ``page_ids`` ``[T // page_size]`` (padding: scratch page)."""
 
     def scatter(pool: jax.Array, x: jax.Array) -> jax.Array:
         x = _repeat_kv(x, stored_heads, axis=1)
@@ -67,8 +74,13 @@ def insert_fn(
 
 
 def _paged_attend(
-    mesh: Mesh, page_size: int, stored_heads: int, scale: float, backend: str | None,
-    page_table: jax.Array, positions: jax.Array,
+    mesh: Mesh,
+    page_size: int,
+    stored_heads: int,
+    scale: float,
+    backend: str | None,
+    page_table: jax.Array,
+    positions: jax.Array,
 ) -> Callable:
     """The model's ``attend`` callback for decode: write this step's k/v into its page, then attend."""
     tp = mesh.shape[TP_AXIS]
@@ -85,8 +97,11 @@ def _paged_attend(
         return out, kp, vp
 
     sharded = jax.shard_map(
-        local, mesh=mesh, in_specs=(heads, heads, heads, pool, pool, P(), P()),
-        out_specs=(heads, pool, pool), check_vma=False,
+        local,
+        mesh=mesh,
+        in_specs=(heads, heads, heads, pool, pool, P(), P()),
+        out_specs=(heads, pool, pool),
+        check_vma=False,
     )
 
     def attend(q, k, v, cache):
@@ -100,9 +115,22 @@ def _paged_attend(
 
 
 def decode_fn(
-    graphdef: nnx.GraphDef, mesh: Mesh, page_size: int, stored_heads: int, scale: float, backend: str | None,
-    state: Any, pools: KVPools, tokens: jax.Array, positions: jax.Array, page_table: jax.Array,
-    temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, forced: jax.Array,
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    page_size: int,
+    stored_heads: int,
+    scale: float,
+    backend: str | None,
+    state: Any,
+    pools: KVPools,
+    tokens: jax.Array,
+    positions: jax.Array,
+    page_table: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    seeds: jax.Array,
+    forced: jax.Array,
 ) -> tuple[jax.Array, jax.Array, KVPools]:
     """tokens ``[B]`` at ``positions`` ``[B]`` -> next tokens ``[B]``, their logprobs, the updated pools."""
     model = nnx.merge(graphdef, state)
@@ -122,8 +150,11 @@ def _spec(shape: tuple[int, ...], dtype: Any, mesh: Mesh) -> jax.ShapeDtypeStruc
 
 def _sampling_specs(batch: int, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, ...]:
     return (
-        _spec((batch,), jnp.float32, mesh), _spec((batch,), jnp.int32, mesh),
-        _spec((batch,), jnp.float32, mesh), _spec((batch,), jnp.uint32, mesh), _spec((batch,), jnp.int32, mesh),
+        _spec((batch,), jnp.float32, mesh),
+        _spec((batch,), jnp.int32, mesh),
+        _spec((batch,), jnp.float32, mesh),
+        _spec((batch,), jnp.uint32, mesh),
+        _spec((batch,), jnp.int32, mesh),
     )
 
 
@@ -135,7 +166,9 @@ def compile_prefill(
         functools.partial(prefill_fn, graphdef), out_shardings=(replicated, replicated, kv_out, kv_out)
     )
     return fn.lower(
-        _abstract(state), _spec((1, length), jnp.int32, mesh), _spec((), jnp.int32, mesh),
+        _abstract(state),
+        _spec((1, length), jnp.int32, mesh),
+        _spec((), jnp.int32, mesh),
         *_sampling_specs(1, mesh),
     ).compile()
 
@@ -145,15 +178,24 @@ def compile_insert(
 ) -> jax.stages.Compiled:
     fn = jax.jit(
         functools.partial(insert_fn, page_size, stored_heads),
-        out_shardings=[(kp.sharding, vp.sharding) for kp, vp in pools], donate_argnums=(0,),
+        out_shardings=[(kp.sharding, vp.sharding) for kp, vp in pools],
+        donate_argnums=(0,),
     )
     num_pages = kv_in.shape[1] // page_size
     return fn.lower(_abstract(pools), kv_in, kv_in, _spec((num_pages,), jnp.int32, mesh)).compile()
 
 
 def compile_decode(
-    graphdef: nnx.GraphDef, state: Any, pools: KVPools, mesh: Mesh, batch: int, max_pages: int,
-    page_size: int, stored_heads: int, scale: float, backend: str | None,
+    graphdef: nnx.GraphDef,
+    state: Any,
+    pools: KVPools,
+    mesh: Mesh,
+    batch: int,
+    max_pages: int,
+    page_size: int,
+    stored_heads: int,
+    scale: float,
+    backend: str | None,
 ) -> jax.stages.Compiled:
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
@@ -162,8 +204,12 @@ def compile_decode(
         donate_argnums=(1,),
     )
     return fn.lower(
-        _abstract(state), _abstract(pools), _spec((batch,), jnp.int32, mesh), _spec((batch,), jnp.int32, mesh),
-        _spec((batch, max_pages), jnp.int32, mesh), *_sampling_specs(batch, mesh),
+        _abstract(state),
+        _abstract(pools),
+        _spec((batch,), jnp.int32, mesh),
+        _spec((batch,), jnp.int32, mesh),
+        _spec((batch, max_pages), jnp.int32, mesh),
+        *_sampling_specs(batch, mesh),
     ).compile()
 
 

@@ -53,9 +53,7 @@ def param_path(keypath: tuple[Any, ...]) -> str:
     return "/".join(parts)
 
 
-def place_params(
-    state: Any, mesh: Mesh, rules: tuple[ShardRule, ...], shape: ModelShape
-) -> Any:
+def place_params(state: Any, mesh: Mesh, rules: tuple[ShardRule, ...], shape: ModelShape) -> Any:
     """Copy params onto one replica's mesh with the phase's sharding rules."""
     tp = mesh.shape[TP_AXIS]
     heads = {"num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads}
@@ -88,7 +86,12 @@ class PrefillReplica:
     """TP prefill on one replica mesh: prompt -> (first token, KV sharded by kv heads)."""
 
     def __init__(
-        self, index: int, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, shape: ModelShape,
+        self,
+        index: int,
+        mesh: Mesh,
+        graphdef: nnx.GraphDef,
+        state: Any,
+        shape: ModelShape,
         buckets: tuple[int, ...],
     ) -> None:
         self.index, self.mesh, self.buckets = index, mesh, buckets
@@ -103,6 +106,7 @@ class PrefillReplica:
                 self._compiled[length] = compile_prefill(
                     self._graphdef, self._state, self.mesh, length, self.kv_sharding
                 )
+
             return run
 
         return [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
@@ -117,7 +121,9 @@ class PrefillReplica:
         tokens = np.zeros((1, length), np.int32)
         tokens[0, : len(token_ids)] = token_ids
         return self._compiled[length](
-            self._state, _put(self.mesh, tokens), _put(self.mesh, np.int32(len(token_ids))),
+            self._state,
+            _put(self.mesh, tokens),
+            _put(self.mesh, np.int32(len(token_ids))),
             *_sampling_arrays(self.mesh, [sampling], [forced], 1),
         )
 
@@ -126,9 +132,20 @@ class DecodeReplica:
     """One decode replica: TP sub-mesh, its page pool and allocator, insert and decode programs."""
 
     def __init__(
-        self, index: int, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, shape: ModelShape, *,
-        num_pages: int, page_size: int, max_context: int, prefill_buckets: tuple[int, ...],
-        batch_buckets: tuple[int, ...], attention_backend: str | None, kv_dtype: jnp.dtype,
+        self,
+        index: int,
+        mesh: Mesh,
+        graphdef: nnx.GraphDef,
+        state: Any,
+        shape: ModelShape,
+        *,
+        num_pages: int,
+        page_size: int,
+        max_context: int,
+        prefill_buckets: tuple[int, ...],
+        batch_buckets: tuple[int, ...],
+        attention_backend: str | None,
+        kv_dtype: jnp.dtype,
     ) -> None:
         self.index, self.mesh = index, mesh
         self.page_size, self.max_pages = page_size, max_context // page_size
@@ -147,8 +164,12 @@ class DecodeReplica:
     def _new_pools(self):
         s = self._shape
         return init_page_pools(
-            self.mesh, num_layers=s.num_layers, stored_heads=self.stored_heads,
-            num_pages=self.allocator.num_pages, page_size=self.page_size, head_dim=s.head_dim,
+            self.mesh,
+            num_layers=s.num_layers,
+            stored_heads=self.stored_heads,
+            num_pages=self.allocator.num_pages,
+            page_size=self.page_size,
+            head_dim=s.head_dim,
             dtype=self._kv_dtype,
         )
 
@@ -162,19 +183,31 @@ class DecodeReplica:
         def insert_task(length: int) -> Callable[[], None]:
             def run() -> None:
                 kv = jax.ShapeDtypeStruct(
-                    (s.num_layers, length, s.num_kv_heads, s.head_dim), self._kv_dtype, sharding=self.kv_sharding
+                    (s.num_layers, length, s.num_kv_heads, s.head_dim),
+                    self._kv_dtype,
+                    sharding=self.kv_sharding,
                 )
                 self._insert[length] = compile_insert(
                     self.pools, kv, self.page_size, self.stored_heads, self.mesh
                 )
+
             return run
 
         def decode_task(batch: int) -> Callable[[], None]:
             def run() -> None:
                 self._decode[batch] = compile_decode(
-                    self._graphdef, self._state, self.pools, self.mesh, batch, self.max_pages,
-                    self.page_size, self.stored_heads, s.head_dim**-0.5, self._backend,
+                    self._graphdef,
+                    self._state,
+                    self.pools,
+                    self.mesh,
+                    batch,
+                    self.max_pages,
+                    self.page_size,
+                    self.stored_heads,
+                    s.head_dim**-0.5,
+                    self._backend,
                 )
+
             return run
 
         return [(f"insert[{self.index}] len {n}", insert_task(n)) for n in self.prefill_buckets] + [
@@ -193,8 +226,12 @@ class DecodeReplica:
         self.pools = self._insert[length](self.pools, k, v, _put(self.mesh, ids))
 
     def step(
-        self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]],
-        sampling: Sequence[SamplingRow], forced: Sequence[int],
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        pages: Sequence[Sequence[int]],
+        sampling: Sequence[SamplingRow],
+        forced: Sequence[int],
     ) -> tuple[np.ndarray, np.ndarray]:
         """One decode step for ``len(tokens)`` sequences: their next tokens and logprobs (blocks on them)."""
         n = len(tokens)
@@ -206,7 +243,11 @@ class DecodeReplica:
         for row, seq_pages in enumerate(pages):
             table[row, : len(seq_pages)] = seq_pages
         out, logprobs, self.pools = self._decode[batch](
-            self._state, self.pools, _put(self.mesh, tok), _put(self.mesh, pos), _put(self.mesh, table),
+            self._state,
+            self.pools,
+            _put(self.mesh, tok),
+            _put(self.mesh, pos),
+            _put(self.mesh, table),
             *_sampling_arrays(self.mesh, sampling, forced, batch),
         )
         return np.asarray(out)[:n], np.asarray(logprobs)[:n]

@@ -60,8 +60,14 @@ def _serving_bits(engine: Engine, rows: np.ndarray) -> float:
 )
 def test_validation_bits_per_byte_through_serving_path(windows, prefill, decode, colocate, subset):
     rows = windows if subset is None else windows[:: len(windows) // subset][:subset]
-    with Engine(prefill_mesh=prefill, decode_mesh=decode, colocate=colocate, max_context=256, max_batch=16,
-                progress=False) as engine:
+    with Engine(
+        prefill_mesh=prefill,
+        decode_mesh=decode,
+        colocate=colocate,
+        max_context=256,
+        max_batch=16,
+        progress=False,
+    ) as engine:
         served = _serving_bits(engine, rows)
         assert engine.stats()["pages_used"] == [0] * len(engine.stats()["pages_used"])
     reference = _training_forward_bits(rows)

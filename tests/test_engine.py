@@ -24,9 +24,19 @@ from jdisagg.tokenizer import ByteTokenizer
 
 MAX_CONTEXT = 128
 CONFIG = ModelConfig(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2,
-    head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=256,
-    tie_word_embeddings=False, attention_bias=False,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    attention_bias=False,
 )
 
 
@@ -55,7 +65,7 @@ def reference(checkpoint):
             padded = np.zeros(MAX_CONTEXT, np.int32)
             padded[: len(ids)] = ids
             ids.append(int(next_token(state, padded, len(ids))))
-        return ids[len(prompt):]
+        return ids[len(prompt) :]
 
     return generate
 
@@ -68,8 +78,9 @@ def _prompts(lengths, seed=0):
 def _engine(checkpoint, prefill, decode, **kw):
     kw.setdefault("max_context", MAX_CONTEXT)
     kw.setdefault("max_batch", 4)
-    return Engine(checkpoint, tokenizer=ByteTokenizer(), prefill_mesh=prefill, decode_mesh=decode,
-                  progress=False, **kw)
+    return Engine(
+        checkpoint, tokenizer=ByteTokenizer(), prefill_mesh=prefill, decode_mesh=decode, progress=False, **kw
+    )
 
 
 def _assert_no_pages(engine):
@@ -212,8 +223,13 @@ def test_bad_prompts_raise_value_error(engine):
 
 @pytest.mark.parametrize(
     ("prefill", "decode", "match"),
-    [("9x1", "1x1", "need"), ("4x1", "2x4", "need"), ("3x1", "1x1", "divide"), ("banana", "1x1", "mesh spec"),
-     ("0x1", "1x1", "tp >= 1")],
+    [
+        ("9x1", "1x1", "need"),
+        ("4x1", "2x4", "need"),
+        ("3x1", "1x1", "divide"),
+        ("banana", "1x1", "mesh spec"),
+        ("0x1", "1x1", "tp >= 1"),
+    ],
 )
 def test_impossible_meshes_raise_value_error(checkpoint, prefill, decode, match):
     with pytest.raises(ValueError, match=match):

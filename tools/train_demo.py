@@ -56,7 +56,9 @@ def evaluate(graphdef: nnx.GraphDef, state: nnx.State, data: np.ndarray, context
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
     parser.add_argument("--batch", type=int, default=32, help="windows per step (default 32)")
     parser.add_argument("--context", type=int, default=128, help="bytes per window (default 128)")

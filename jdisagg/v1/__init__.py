@@ -1,1 +1,4 @@
-"""Generated gRPC stubs of the ``jdisagg.v1`` API (``proto/jdisagg/v1/jdisagg.proto``; ``tools/gen_proto.sh``)."""
+"""Generated gRPC stubs of the ``jdisagg.v1`` API.
+
+Source: ``proto/jdisagg/v1/jdisagg.proto``; regenerate with ``tools/gen_proto.sh``.
+"""
