@@ -64,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=128, help="bytes per window (default 128)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from a checkpoint this script wrote (fresh optimizer and schedule)")
     parser.add_argument("--out", type=Path, default=Path("jdisagg/models/demo"), help="output directory")
     args = parser.parse_args(argv)
 
     train, val = split_text()
     rng = np.random.default_rng(args.seed)
-    graphdef, state = nnx.split(init_model(DEMO_CONFIG, seed=args.seed))
+    start_model = (load_hf_model(args.init, param_dtype=jnp.float32, progress=False) if args.init
+                   else init_model(DEMO_CONFIG, seed=args.seed))
+    graphdef, state = nnx.split(start_model)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10), args.steps,
                                                   args.lr / 10)
     decay_mask = jax.tree.map(lambda x: x.ndim >= 2, state)
