@@ -65,6 +65,13 @@ def place_params(state: Any, mesh: Mesh, rules: tuple[ShardRule, ...], shape: Mo
     return jax.tree_util.tree_map_with_path(place, state)
 
 
+def handoff_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
+    """Sharding of the hand-off KV ``[L, T, KVH, D]`` on a replica: kv heads split over ``tp`` when they
+    divide, else replicated (the decode side repeats them into its pool)."""
+    tp = mesh.shape[TP_AXIS]
+    return kv_sharding(mesh, num_kv_heads if num_kv_heads % tp == 0 else 1, head_axis=2)
+
+
 def _put(mesh: Mesh, array: np.ndarray) -> jax.Array:
     return jax.device_put(array, NamedSharding(mesh, PartitionSpec()))
 
@@ -96,8 +103,7 @@ class PrefillReplica:
     ) -> None:
         self.index, self.mesh, self.buckets = index, mesh, buckets
         self._graphdef, self._state = graphdef, state
-        tp = mesh.shape[TP_AXIS]
-        self.kv_sharding = kv_sharding(mesh, shape.num_kv_heads if shape.num_kv_heads % tp == 0 else 1, 2)
+        self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
         self._compiled: dict[int, jax.stages.Compiled] = {}
 
     def compile_tasks(self) -> list[CompileTask]:
@@ -153,10 +159,8 @@ class DecodeReplica:
         self.allocator = PageAllocator(num_pages)
         self._graphdef, self._state, self._shape = graphdef, state, shape
         self._backend, self._kv_dtype = attention_backend, kv_dtype
-        tp = mesh.shape[TP_AXIS]
-        self.stored_heads = stored_kv_heads(shape.num_kv_heads, tp)
-        # KV arrives with true kv heads; split them over tp when they divide, else replicate and repeat here.
-        self.kv_sharding = kv_sharding(mesh, shape.num_kv_heads if shape.num_kv_heads % tp == 0 else 1, 2)
+        self.stored_heads = stored_kv_heads(shape.num_kv_heads, mesh.shape[TP_AXIS])
+        self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
         self.pools = self._new_pools()
         self._insert: dict[int, jax.stages.Compiled] = {}
         self._decode: dict[int, jax.stages.Compiled] = {}
