@@ -96,7 +96,47 @@ def _build_parser() -> argparse.ArgumentParser:
                              "them (default: %(default)s)")
     launch.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars while placing weights and compiling")
+    procs = launch.add_argument_group(
+        "multi-process", "Run every prefill and decode replica as its own worker process (one per DP "
+        "replica, each owning TP devices); this process schedules and serves gRPC. Workers on other hosts "
+        "join with `jdisagg worker --join HOST:PORT`.")
+    procs.add_argument("--processes", action="store_true",
+                       help="spawn the workers as child processes of this host")
+    procs.add_argument("--control-port", type=_port, default=0,
+                       help="port workers join on (default: a free one, printed at start)")
+    procs.add_argument("--prefill-cpus", metavar="LIST", default=None,
+                       help="pin prefill workers to these CPU cores, e.g. 0-3 (default: no pinning)")
+    procs.add_argument("--decode-cpus", metavar="LIST", default=None,
+                       help="pin decode workers to these CPU cores, e.g. 4-7 (default: no pinning)")
+    procs.add_argument("--worker-devices", type=_positive, default=None,
+                       help="CPU only: virtual devices per worker process (default: its role's TP)")
     launch.set_defaults(run=_launch)
+
+    worker = subs.add_parser(
+        "worker", help="start a prefill or decode worker that joins a front", description=(
+            "Own this process's devices as one prefill or decode replica of a `jdisagg launch --processes` "
+            "front: fetch the serving settings from the front, load and compile, register, then serve the "
+            "internal worker API until SIGTERM/SIGINT."))
+    worker.add_argument("--role", choices=("prefill", "decode"), required=True, help="which phase to run")
+    worker.add_argument("--join", metavar="HOST:PORT", required=True,
+                        help="the front's control address (printed by `jdisagg launch --processes`)")
+    worker.add_argument("--host", default="127.0.0.1",
+                        help="address this worker listens on, reachable from the front "
+                             "(default: %(default)s)")
+    worker.add_argument("--port", type=_port, default=0, help="worker API port (default: a free one)")
+    worker.add_argument("--model", metavar="DIR", default=None,
+                        help="checkpoint directory if it lies elsewhere on this host (default: the front's)")
+    worker.add_argument("--devices", type=_positive, default=None,
+                        help="CPU only: split the host into this many virtual devices "
+                             "(default: the role's TP)")
+    worker.add_argument("--cpus", metavar="LIST", default=None,
+                        help="pin this process to CPU cores, e.g. 0-3")
+    worker.add_argument("--offer-timeout", type=float, default=60.0,
+                        help="seconds a prefill worker keeps KV offered that no decode worker pulls "
+                             "(default: %(default)s)")
+    worker.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    worker.set_defaults(run=_worker)
 
     gen = subs.add_parser(
         "generate", help="stream a completion from a server", description=(
@@ -136,6 +176,16 @@ def _launch(args: argparse.Namespace) -> int:
     try:
         return launch(opts)
     except LaunchError as exc:
+        return _fail(2, str(exc))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from jdisagg.workers.worker import WorkerOptions, WorkerStartError, run_worker
+
+    opts = WorkerOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
+    try:
+        return run_worker(opts)
+    except WorkerStartError as exc:
         return _fail(2, str(exc))
 
 

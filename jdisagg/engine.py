@@ -39,27 +39,26 @@ from flax import nnx
 from tqdm import tqdm
 
 from jdisagg.compile_counter import compile_count
+from jdisagg.errors import EngineClosedError, QueueFullError, WorkerUnavailableError
 from jdisagg.kv_cache import OutOfPages, pages_needed
-from jdisagg.meshes import PHASE_RULES, Layout, build_layout, check_fits
+from jdisagg.meshes import Layout, build_layout, check_fits
 from jdisagg.metrics import EngineMetrics
 from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
-from jdisagg.programs import power_of_two_buckets
-from jdisagg.replicas import DecodeReplica, ModelShape, PrefillReplica, SamplingRow, place_params
+from jdisagg.replicas import (
+    DecodeReplica,
+    PrefillReplica,
+    SamplingRow,
+    build_decode_replica,
+    build_prefill_replica,
+)
 from jdisagg.requests import Request, RequestStream
 from jdisagg.sampling_params import SamplingParams
+from jdisagg.sizes import ServingSizes, plan_sizes
 from jdisagg.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("jdisagg.engine")
 
 _IDLE_POLL_S = 0.02
-
-
-class QueueFullError(RuntimeError):
-    """The admission queue is full: back off and retry (gRPC: RESOURCE_EXHAUSTED)."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine is shutting down and takes no new requests (gRPC: UNAVAILABLE)."""
 
 
 @dataclass(eq=False)
@@ -78,8 +77,7 @@ class _Handoff:
     pages: list[int]
     token: jax.Array
     logprob: jax.Array
-    k: jax.Array
-    v: jax.Array
+    kv: Any  # the replica pair's hand-off: (k, v) arrays in process, an offer to pull across processes
 
 
 @dataclass
@@ -91,7 +89,7 @@ class _DetokState:
     stopped: bool = False
 
 
-def _load(model: Any, tokenizer: Tokenizer | None) -> tuple[nnx.Module, Tokenizer]:
+def load_model(model: Any, tokenizer: Tokenizer | None = None) -> tuple[nnx.Module, Tokenizer]:
     """Resolve ``model``: None (built-in demo), a checkpoint directory, or a ready ``nnx.Module``."""
     if isinstance(model, nnx.Module):
         if tokenizer is None:
@@ -150,38 +148,18 @@ class Engine:
         devices: Sequence[jax.Device] | None = None,
     ) -> None:
         self.layout: Layout = build_layout(prefill_mesh, decode_mesh, colocate=colocate, devices=devices)
-        module, self.tokenizer = _load(model, tokenizer)
+        module, self.tokenizer = load_model(model, tokenizer)
         self.config = config = module.config
         for phase in (self.layout.prefill, self.layout.decode):
             check_fits(
                 phase.spec, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, phase=phase.name
             )
-        if page_size < 1 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {page_size}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.max_context = max_context or min(config.max_position_embeddings, 1024)
-        if self.max_context % page_size or self.max_context > config.max_position_embeddings:
-            raise ValueError(
-                f"max_context={self.max_context} must be a multiple of page_size={page_size} and at most the "
-                f"model's {config.max_position_embeddings} positions"
-            )
+        sizes = plan_sizes(
+            config, page_size=page_size, max_batch=max_batch, max_context=max_context, num_pages=num_pages
+        )
         self.page_size, self.max_batch, self.max_queue = page_size, max_batch, max_queue
-        max_pages = self.max_context // page_size
-        num_pages = num_pages or max_batch * max_pages + 1
-        if num_pages - 1 < max_pages:
-            raise ValueError(
-                f"num_pages={num_pages} cannot hold one full context ({max_pages} pages + 1 scratch page)"
-            )
-        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
-        self.metrics = EngineMetrics()
-        self.metrics.compilations.set_function(compile_count)
-
-        shape = ModelShape(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
+        self.max_context = sizes.max_context
         graphdef, state = nnx.split(module)
-        kv_dtype = jax.tree.leaves(state)[0].dtype
-        prefill_buckets = power_of_two_buckets(max(page_size, 16), self.max_context)
-        batch_buckets = power_of_two_buckets(1, max_batch)
         log.info("%s", self.layout.describe())
         placed = tqdm(
             desc="placing params",
@@ -189,33 +167,49 @@ class Engine:
             disable=not progress,
             unit="replica",
         )
-        self._prefill: list[PrefillReplica] = []
+        prefill = []
         for i, mesh in enumerate(self.layout.prefill.replicas):
-            params = place_params(state, mesh, PHASE_RULES["prefill"], shape)
-            self._prefill.append(PrefillReplica(i, mesh, graphdef, params, shape, prefill_buckets))
+            prefill.append(build_prefill_replica(i, mesh, graphdef, state, sizes))
             placed.update()
-        self._decode: list[DecodeReplica] = []
+        decode = []
         for i, mesh in enumerate(self.layout.decode.replicas):
-            params = place_params(state, mesh, PHASE_RULES["decode"], shape)
-            self._decode.append(
-                DecodeReplica(
-                    i,
-                    mesh,
-                    graphdef,
-                    params,
-                    shape,
-                    num_pages=num_pages,
-                    page_size=page_size,
-                    max_context=self.max_context,
-                    prefill_buckets=prefill_buckets,
-                    batch_buckets=batch_buckets,
-                    attention_backend=attention_backend,
-                    kv_dtype=kv_dtype,
-                )
-            )
+            decode.append(build_decode_replica(i, mesh, graphdef, state, sizes, attention_backend))
             placed.update()
         placed.close()
         del state, module
+        self._start(prefill, decode, progress)
+
+    @classmethod
+    def from_replicas(
+        cls,
+        config: Any,
+        tokenizer: Tokenizer,
+        prefill: Sequence[Any],
+        decode: Sequence[Any],
+        *,
+        sizes: ServingSizes,
+        max_queue: int = 256,
+        progress: bool = True,
+    ) -> Engine:
+        """An engine over replicas built elsewhere, e.g. proxies of worker processes (``jdisagg.workers``).
+
+        A replica only needs what the stages call: ``index``, ``alive``, ``compile_tasks()``; prefill:
+        ``run()``; decode: ``allocator``, ``receive()``, ``insert()``, ``discard()``, ``step()``,
+        ``reset_pools()``. One whose ``alive`` is False is skipped until it comes back.
+        """
+        engine = cls.__new__(cls)
+        engine.config, engine.tokenizer = config, tokenizer
+        engine.page_size, engine.max_context = sizes.page_size, sizes.max_context
+        engine.max_batch, engine.max_queue = sizes.max_batch, max_queue
+        engine._start(list(prefill), list(decode), progress)
+        return engine
+
+    def _start(self, prefill: list[Any], decode: list[Any], progress: bool) -> None:
+        """Compile every program, then start the stage threads."""
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
+        self.metrics = EngineMetrics()
+        self.metrics.compilations.set_function(compile_count)
+        self._prefill, self._decode = prefill, decode
         self._compile_all(progress)
         self.warm_compile_count = compile_count()
 
@@ -226,7 +220,7 @@ class Engine:
         self._stopping = False
         self._order = itertools.count()
         self._transfers: queue.Queue[_Handoff | None] = queue.Queue(maxsize=4)
-        self._inboxes: dict[int, queue.Queue[tuple[Request, list[int], jax.Array, jax.Array] | None]] = {
+        self._inboxes: dict[int, queue.Queue[tuple[Request, list[int], Any] | None]] = {
             r.index: queue.Queue() for r in self._decode
         }
         # Unbounded on purpose: its producers are bounded by the batch size, and abort() reports into it
@@ -464,10 +458,16 @@ class Engine:
     def _fail(
         self, request: Request, replica: DecodeReplica | None, pages: list[int], exc: BaseException
     ) -> None:
-        log.exception("request %s failed", request.id, exc_info=exc)
+        if isinstance(exc, WorkerUnavailableError):
+            log.error("request %s lost its worker: %s", request.id, exc)
+            request.error_code = "UNAVAILABLE"
+            message = str(exc)
+        else:
+            log.exception("request %s failed", request.id, exc_info=exc)
+            message = f"{type(exc).__name__}: {exc}"
         if replica is not None:
             self._release(replica, pages)
-        self._report(request, [], FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+        self._report(request, [], FinishReason.ERROR, message)
 
     def _update_gauges(self) -> None:
         for r in self._decode:
@@ -481,14 +481,14 @@ class Engine:
 
     def _pick_replica(self, need: int) -> DecodeReplica | None:
         """Least-loaded decode replica (most free pages) that can take ``need`` pages now."""
-        fits = [r for r in self._decode if r.allocator.free >= need]
+        fits = [r for r in self._decode if r.alive and r.allocator.free >= need]
         return max(fits, key=lambda r: (r.allocator.free, -r.index)) if fits else None
 
     def _prefill_loop(self, prefill: PrefillReplica) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._stopping:
-                    self._cv.wait()
+                while (not self._waiting or not prefill.alive) and not self._stopping:
+                    self._cv.wait(timeout=None if prefill.alive else _IDLE_POLL_S * 10)
                 if self._stopping:
                     return
                 request = self._waiting[0]
@@ -506,11 +506,28 @@ class Engine:
                 self.metrics.queue_time.observe(m.scheduled - m.arrival)
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             try:
-                token, logprob, k, v = prefill.run(request.all_ids, request.sampling, request.next_forced)
+                token, logprob, kv = prefill.run(request.all_ids, request.sampling, request.next_forced)
+            except WorkerUnavailableError as exc:
+                self._retry_elsewhere(request, target, pages, exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the stage
                 self._fail(request, target, pages, exc)
                 continue
-            self._transfers.put(_Handoff(request, target, pages, token, logprob, k, v))
+            self._transfers.put(_Handoff(request, target, pages, token, logprob, kv))
+
+    def _retry_elsewhere(
+        self, request: Request, target: Any, pages: list[int], exc: WorkerUnavailableError
+    ) -> None:
+        """A prefill worker was lost mid-request: queue the request again for another one, or fail it
+        (UNAVAILABLE) when none is left."""
+        if not any(p.alive for p in self._prefill) or request.cancel is not None:
+            self._fail(request, target, pages, exc)
+            return
+        log.warning("retrying %s on another prefill worker: %s", request.id, exc)
+        self._release(target, pages)
+        with self._cv:
+            self._waiting.appendleft(request)
+            self._cv.notify_all()
 
     # ------------------------------------------------------------------ transfer
 
@@ -526,14 +543,14 @@ class Engine:
                     self._report(request, [], finish or request.cancel)
                     continue
                 start = time.perf_counter()
-                k, v = target.receive(item.k, item.v)
-                jax.block_until_ready((k, v))
+                kv, nbytes = target.receive(item.kv)
                 self.metrics.transfer_seconds.inc(time.perf_counter() - start)
-                self.metrics.transfer_bytes.inc(k.nbytes + v.nbytes)
+                self.metrics.transfer_bytes.inc(nbytes)
             except Exception as exc:  # noqa: BLE001
+                self.metrics.transfer_failures.inc()
                 self._fail(request, target, item.pages, exc)
                 continue
-            self._inboxes[target.index].put((request, item.pages, k, v))
+            self._inboxes[target.index].put((request, item.pages, kv))
 
     # ------------------------------------------------------------------ decode
 
@@ -589,16 +606,17 @@ class Engine:
     def _admit(
         self,
         replica: DecodeReplica,
-        item: tuple[Request, list[int], jax.Array, jax.Array],
+        item: tuple[Request, list[int], Any],
         ready: list[_Sequence],
     ) -> None:
-        request, pages, k, v = item
+        request, pages, kv = item
         if request.cancel is not None:
+            replica.discard(kv)
             self._release(replica, pages)
             self._report(request, [], request.cancel)
             return
         try:
-            replica.insert(k, v, pages)
+            replica.insert(kv, pages)
         except Exception as exc:  # noqa: BLE001
             self._fail(request, replica, pages, exc)
             return
@@ -713,6 +731,7 @@ class Engine:
             m,
             error,
             request.logprobs[: len(state.token_ids)],
+            request.error_code if finish is FinishReason.ERROR else None,
         )
         with self._cv:
             self._live.pop(request.id, None)

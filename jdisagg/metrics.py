@@ -67,6 +67,10 @@ class EngineMetrics:
         self.transfer_bytes = Counter(
             "jdisagg_kv_transfer_bytes", "KV bytes moved prefill -> decode.", registry=r
         )
+        self.transfer_failures = Counter(
+            "jdisagg_kv_transfer_failures", "KV hand-offs that failed (the request ended with an error).",
+            registry=r,
+        )
         self.transfer_seconds = Counter(
             "jdisagg_kv_transfer_seconds", "Time spent moving KV prefill -> decode.", registry=r
         )

@@ -63,3 +63,4 @@ class Output:
     metrics: RequestMetrics
     error: str | None = None
     logprobs: list[float] = field(default_factory=list)  # model log-probability of each output token
+    error_code: str | None = None  # with ERROR: "UNAVAILABLE" (a worker was lost, retry) or "INTERNAL"

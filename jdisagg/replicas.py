@@ -18,8 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg.kv_cache import SCRATCH_PAGE, PageAllocator, init_page_pools, kv_sharding
-from jdisagg.meshes import TP_AXIS, ShardRule, param_spec, stored_kv_heads
+from jdisagg.meshes import PHASE_RULES, TP_AXIS, ShardRule, param_spec, stored_kv_heads
 from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill
+from jdisagg.sizes import ServingSizes
 
 CompileTask = tuple[str, Callable[[], None]]
 
@@ -92,6 +93,8 @@ def _sampling_arrays(
 class PrefillReplica:
     """TP prefill on one replica mesh: prompt -> (first token, KV sharded by kv heads)."""
 
+    alive = True  # in-process replicas live as long as the engine
+
     def __init__(
         self,
         index: int,
@@ -119,23 +122,26 @@ class PrefillReplica:
 
     def run(
         self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
-    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Dispatch prefill (asynchronously); returns device arrays (token ``[1]``, logprob ``[1]``, k, v).
+    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+        """Dispatch prefill (asynchronously); returns device arrays (token ``[1]``, logprob ``[1]``, (k, v)).
 
         ``forced >= 0`` takes that token instead of sampling one (scoring a given continuation)."""
         length = bucket_for(len(token_ids), self.buckets)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, : len(token_ids)] = token_ids
-        return self._compiled[length](
+        token, logprob, k, v = self._compiled[length](
             self._state,
             _put(self.mesh, tokens),
             _put(self.mesh, np.int32(len(token_ids))),
             *_sampling_arrays(self.mesh, [sampling], [forced], 1),
         )
+        return token, logprob, (k, v)
 
 
 class DecodeReplica:
     """One decode replica: TP sub-mesh, its page pool and allocator, insert and decode programs."""
+
+    alive = True
 
     def __init__(
         self,
@@ -218,11 +224,17 @@ class DecodeReplica:
             (f"decode[{self.index}] batch {b}", decode_task(b)) for b in self.batch_buckets
         ]
 
-    def receive(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The KV hand-off: move prefill's KV onto this replica, resharded to its kv-head split."""
-        return jax.device_put((k, v), self.kv_sharding)
+    def receive(self, kv: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], int]:
+        """The KV hand-off: move prefill's KV onto this replica, resharded to its kv-head split. Blocks
+        until it has arrived; returns it and the bytes moved."""
+        k, v = jax.block_until_ready(jax.device_put(kv, self.kv_sharding))
+        return (k, v), k.nbytes + v.nbytes
 
-    def insert(self, k: jax.Array, v: jax.Array, pages: Sequence[int]) -> None:
+    def discard(self, kv: tuple[jax.Array, jax.Array]) -> None:
+        """Drop a received KV that will not be inserted (its request ended meanwhile); nothing to do here."""
+
+    def insert(self, kv: tuple[jax.Array, jax.Array], pages: Sequence[int]) -> None:
+        k, v = kv
         length = k.shape[1]
         ids = np.full((length // self.page_size,), SCRATCH_PAGE, np.int32)
         n = min(len(pages), len(ids))
@@ -255,3 +267,45 @@ class DecodeReplica:
             *_sampling_arrays(self.mesh, sampling, forced, batch),
         )
         return np.asarray(out)[:n], np.asarray(logprobs)[:n]
+
+
+def model_shape(graphdef: nnx.GraphDef, state: Any) -> ModelShape:
+    config = nnx.merge(graphdef, state).config
+    return ModelShape(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
+
+
+def build_prefill_replica(
+    index: int, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, sizes: ServingSizes
+) -> PrefillReplica:
+    """Place the params on ``mesh`` with the prefill rules; programs compile later (``compile_tasks``)."""
+    shape = model_shape(graphdef, state)
+    params = place_params(state, mesh, PHASE_RULES["prefill"], shape)
+    return PrefillReplica(index, mesh, graphdef, params, shape, sizes.prefill_buckets)
+
+
+def build_decode_replica(
+    index: int,
+    mesh: Mesh,
+    graphdef: nnx.GraphDef,
+    state: Any,
+    sizes: ServingSizes,
+    attention_backend: str | None,
+) -> DecodeReplica:
+    """Place the params on ``mesh`` with the decode rules and allocate its page pools (KV in the params'
+    dtype)."""
+    shape = model_shape(graphdef, state)
+    params = place_params(state, mesh, PHASE_RULES["decode"], shape)
+    return DecodeReplica(
+        index,
+        mesh,
+        graphdef,
+        params,
+        shape,
+        num_pages=sizes.num_pages,
+        page_size=sizes.page_size,
+        max_context=sizes.max_context,
+        prefill_buckets=sizes.prefill_buckets,
+        batch_buckets=sizes.batch_buckets,
+        attention_backend=attention_backend,
+        kv_dtype=jax.tree.leaves(state)[0].dtype,
+    )

@@ -31,7 +31,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     cancel: FinishReason | None = None
-    cancel_message: str | None = None
+    error_code: str = "INTERNAL"  # the gRPC status a failure maps to (UNAVAILABLE: a worker was lost)
 
     @property
     def all_ids(self) -> list[int]:

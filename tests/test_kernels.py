@@ -18,6 +18,7 @@ import pytest
 from jax import export
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
 from jdisagg.kernels import available_backends, paged_attention, paged_attention_reference
 
 BACKENDS = ["reference", "interpret", "tpu-interpret"]

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jdisagg.kernels import paged_attention, paged_attention_reference
 from jdisagg.kernels.gpu import paged_attention_gpu
 

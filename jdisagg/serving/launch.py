@@ -6,9 +6,15 @@ Kept apart from the CLI parser because it imports JAX, which ``jdisagg --help`` 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jdisagg.engine import Engine
 
 log = logging.getLogger("jdisagg.serving")
 
@@ -34,42 +40,49 @@ class LaunchOptions:
     attention_backend: str | None
     drain_timeout: float
     progress: bool
+    processes: bool = False
+    control_port: int = 0
+    prefill_cpus: str | None = None
+    decode_cpus: str | None = None
+    worker_devices: int | None = None
 
 
 def launch(opts: LaunchOptions) -> int:
     """Serve until a signal, then drain; returns the exit code. Raises ``LaunchError`` for bad options."""
-    from jdisagg.serving.devices import choose_meshes, describe_devices, request_host_devices
+    from jdisagg.serving.devices import choose_meshes, request_host_devices
 
+    if opts.processes:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the workers own the accelerators, not the front
     request_host_devices()
 
     import jax
 
-    from jdisagg.engine import Engine
     from jdisagg.meshes import build_layout, parse_mesh_spec
     from jdisagg.serving.server import GenerationServer, host_port
 
     meshes = choose_meshes(opts.prefill_mesh, opts.decode_mesh, opts.colocate, jax.device_count())
     try:  # cheap checks first, so a typo does not cost a model load
-        build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
+        if opts.processes:
+            if opts.colocate:
+                raise ValueError("--processes runs prefill and decode in separate workers: drop --colocate")
+        else:
+            build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
         decode_dp = parse_mesh_spec(meshes.decode).dp
         server = GenerationServer(opts.host, opts.port, opts.max_queue + opts.max_batch * decode_dp + 16)
     except (ValueError, OSError) as exc:
         raise LaunchError(str(exc)) from exc
-    log.info("devices: %s", describe_devices())
     address = host_port(opts.host, server.port)
-    engine = None
+    engine: Engine | None = None
+    stop_workers: Callable[[float], None] | None = None
     try:
         log.info("gRPC listening on %s (NOT_SERVING until the engine is ready)", address)
-        log.info("loading %s and compiling its programs", opts.model or "the built-in demo model")
         try:
-            engine = Engine(
-                opts.model, prefill_mesh=meshes.prefill, decode_mesh=meshes.decode, colocate=meshes.colocate,
-                page_size=opts.page_size, num_pages=opts.num_pages, max_batch=opts.max_batch,
-                max_context=opts.max_context, max_queue=opts.max_queue,
-                attention_backend=opts.attention_backend, progress=opts.progress,
-            )
+            if opts.processes:
+                engine, stop_workers = _start_processes(opts, meshes)
+            else:
+                engine = _start_engine(opts, meshes)
             server.serve(engine, opts.host, opts.metrics_port)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:
             raise LaunchError(str(exc)) from exc
         stop = _stop_on_signals()
         metrics = f"metrics on :{opts.metrics_port}" if opts.metrics_port else "metrics off"
@@ -79,8 +92,53 @@ def launch(opts: LaunchOptions) -> int:
                  opts.drain_timeout)
     finally:
         server.shutdown(engine, opts.drain_timeout)
+        if stop_workers is not None:
+            stop_workers(opts.drain_timeout)
     log.info("stopped")
     return 0
+
+
+def _start_engine(opts: LaunchOptions, meshes) -> Engine:
+    from jdisagg.engine import Engine
+    from jdisagg.serving.devices import describe_devices
+
+    log.info("devices: %s", describe_devices())
+    log.info("loading %s and compiling its programs", opts.model or "the built-in demo model")
+    return Engine(
+        opts.model, prefill_mesh=meshes.prefill, decode_mesh=meshes.decode, colocate=meshes.colocate,
+        page_size=opts.page_size, num_pages=opts.num_pages, max_batch=opts.max_batch,
+        max_context=opts.max_context, max_queue=opts.max_queue,
+        attention_backend=opts.attention_backend, progress=opts.progress,
+    )
+
+
+def _start_processes(opts: LaunchOptions, meshes) -> tuple[Engine, Callable[[float], None]]:
+    """The front and one child worker per replica; returns the front's engine and how to stop it all."""
+    from jdisagg.meshes import parse_mesh_spec
+    from jdisagg.serving.plan import model_config
+    from jdisagg.sizes import plan_sizes
+    from jdisagg.workers.front import Front, spawn_workers, stop_workers
+
+    sizes = plan_sizes(model_config(opts.model), page_size=opts.page_size, max_batch=opts.max_batch,
+                       max_context=opts.max_context, num_pages=opts.num_pages)
+    front = Front(opts.model, parse_mesh_spec(meshes.prefill), parse_mesh_spec(meshes.decode), sizes,
+                  host=opts.host, port=opts.control_port, attention_backend=opts.attention_backend,
+                  max_queue=opts.max_queue)
+    print(f"jdisagg: workers join at {front.address}", flush=True)
+    cpus = {"prefill": opts.prefill_cpus, "decode": opts.decode_cpus}
+    children = spawn_workers(front, devices_per_worker=opts.worker_devices, cpus=cpus, progress=opts.progress)
+
+    def stop(grace: float) -> None:
+        front.shutdown(drain=True, timeout=grace)  # the engine drained already; this stops the rest
+        stop_workers(children)
+
+    try:
+        log.info("waiting for %d workers to load, compile and register", len(children))
+        front.wait_until_full(timeout_s=600.0, children=children)
+    except BaseException:
+        stop(0.0)
+        raise
+    return front.engine, stop
 
 
 class _SignalLatch:

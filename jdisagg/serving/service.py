@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from jdisagg.engine import Engine, EngineClosedError, QueueFullError
+from jdisagg.engine import Engine
+from jdisagg.errors import EngineClosedError, QueueFullError
 from jdisagg.outputs import FinishReason, Output
 from jdisagg.requests import RequestStream
 from jdisagg.serving.convert import (
@@ -109,4 +110,5 @@ def _cancel_when_rpc_ends(stream: RequestStream, context: grpc.ServicerContext) 
 def _abort_on_error(output: Output, context: grpc.ServicerContext) -> None:
     if output.finish_reason is FinishReason.ERROR:
         log.error("request %s failed: %s", output.request_id, output.error)
-        context.abort(grpc.StatusCode.INTERNAL, output.error or "the engine failed this request")
+        code = grpc.StatusCode.UNAVAILABLE if output.error_code == "UNAVAILABLE" else grpc.StatusCode.INTERNAL
+        context.abort(code, output.error or "the engine failed this request")

@@ -1,0 +1,52 @@
+"""The serving sizes every replica compiles for, derived once and checked against the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jdisagg.models.config import ModelConfig
+from jdisagg.programs import power_of_two_buckets
+
+
+@dataclass(frozen=True)
+class ServingSizes:
+    page_size: int  # tokens per KV page
+    max_batch: int  # sequences per decode replica and step
+    max_context: int  # longest sequence (prompt + output)
+    num_pages: int  # pages per decode replica, page 0 (scratch) included
+
+    @property
+    def max_pages(self) -> int:
+        return self.max_context // self.page_size
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """Prompt lengths prefill (and insert) compile for."""
+        return power_of_two_buckets(max(self.page_size, 16), self.max_context)
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        return power_of_two_buckets(1, self.max_batch)
+
+
+def plan_sizes(
+    config: ModelConfig, *, page_size: int, max_batch: int, max_context: int | None, num_pages: int | None
+) -> ServingSizes:
+    """Fill in defaults and refuse sizes that cannot work (``ValueError`` with the reason)."""
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    max_context = max_context or min(config.max_position_embeddings, 1024)
+    if max_context % page_size or max_context > config.max_position_embeddings:
+        raise ValueError(
+            f"max_context={max_context} must be a multiple of page_size={page_size} and at most the "
+            f"model's {config.max_position_embeddings} positions"
+        )
+    max_pages = max_context // page_size
+    num_pages = num_pages or max_batch * max_pages + 1
+    if num_pages - 1 < max_pages:
+        raise ValueError(
+            f"num_pages={num_pages} cannot hold one full context ({max_pages} pages + 1 scratch page)"
+        )
+    return ServingSizes(page_size, max_batch, max_context, num_pages)

@@ -1,0 +1,230 @@
+"""The front of a multi-process deployment: worker slots, the Control service, heartbeats, child workers.
+
+The front runs the ordinary ``Engine`` (waiting queue, page tables, continuous batching, preemption,
+detokenization, metrics) over ``RemotePrefillReplica``/``RemoteDecodeReplica`` slots: one slot per replica
+of each mesh's DP. Workers join slots by registering (``jdisagg worker --join``, or children that
+``jdisagg launch --processes`` spawns); a slot whose worker dies goes dead and can be joined again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from jdisagg.engine import Engine
+from jdisagg.meshes import MeshSpec, check_fits
+from jdisagg.sizes import ServingSizes
+from jdisagg.v1 import worker_pb2 as wpb
+from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
+from jdisagg.workers.remote import RemoteDecodeReplica, RemotePrefillReplica, RemoteReplica
+from jdisagg.workers.worker import fingerprint
+
+log = logging.getLogger("jdisagg.front")
+
+
+class ControlService(wpb_grpc.ControlServicer):
+    """Hands out settings and takes registering workers into free slots of their role."""
+
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._lock = threading.Lock()
+        self.kv_dtype: str | None = None  # set by the first worker; all others must match
+
+    def GetSettings(self, request: wpb.SettingsRequest, context: grpc.ServicerContext) -> wpb.Settings:
+        if request.role not in ("prefill", "decode"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {request.role!r}")
+        return self._front.settings(request.role)
+
+    def Register(self, request: wpb.RegisterRequest, context: grpc.ServicerContext) -> wpb.RegisterReply:
+        front = self._front
+        if request.role not in ("prefill", "decode"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {request.role!r}")
+        got = json.loads(request.fingerprint)
+        with self._lock:
+            want = json.loads(fingerprint(front.config, self.kv_dtype or got.get("kv_dtype", ""),
+                                          front.settings(request.role)))
+            diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+            if diff:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "layout mismatch, worker refused: "
+                    + ", ".join(f"{k}={g} (front expects {w})" for k, (g, w) in sorted(diff.items())),
+                )
+            self.kv_dtype = want["kv_dtype"]
+            slots: list[RemoteReplica] = front.prefill if request.role == "prefill" else front.decode
+            free = [s for s in slots if not s.alive]
+            if not free:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"all {len(slots)} {request.role} slots have a live worker")
+            slot = free[0]
+            slot.connect(request.address)
+        log.info("%s worker %s registered (%s) into slot %d", request.role, request.address, request.device,
+                 slot.index)
+        return wpb.RegisterReply(slot=slot.index)
+
+
+class Front:
+    """Worker slots + Control server + heartbeats + the engine that schedules over them.
+
+    Args:
+        model: checkpoint directory every worker loads (the same path must exist on every host), or None.
+        prefill / decode: mesh specs; DP is the number of worker slots, TP the devices per worker.
+        rpc_timeout_s: deadline of one worker call (a decode step, a prefill).
+        pull_timeout_s: deadline of one KV pull; also how long reserved pages wait for KV that never comes.
+        offer_timeout_s: how long a prefill worker keeps KV offered that nobody pulls.
+        heartbeat_s: interval of the liveness probe; a worker that misses ``heartbeat_misses`` is dead.
+    """
+
+    def __init__(
+        self,
+        model: str | None,
+        prefill: MeshSpec,
+        decode: MeshSpec,
+        sizes: ServingSizes,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        attention_backend: str | None = None,
+        max_queue: int = 256,
+        rpc_timeout_s: float = 60.0,
+        pull_timeout_s: float = 30.0,
+        offer_timeout_s: float = 60.0,
+        heartbeat_s: float = 1.0,
+        heartbeat_misses: int = 3,
+    ) -> None:
+        from jdisagg.serving.plan import model_config
+        from jdisagg.tokenizer import load_tokenizer
+
+        self.model = str(Path(model).resolve()) if model else None
+        self.config = model_config(self.model)
+        for spec, phase in ((prefill, "prefill"), (decode, "decode")):
+            check_fits(spec, num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
+                       phase=phase)
+        self.specs = {"prefill": prefill, "decode": decode}
+        self.sizes, self.attention_backend = sizes, attention_backend
+        self.offer_timeout_s = offer_timeout_s
+        self.prefill = [RemotePrefillReplica(i, rpc_timeout_s) for i in range(prefill.dp)]
+        self.decode = [RemoteDecodeReplica(i, sizes.num_pages, rpc_timeout_s, pull_timeout_s)
+                       for i in range(decode.dp)]
+        self.control = ControlService(self)
+        self._server = grpc.server(ThreadPoolExecutor(8, thread_name_prefix="control"),
+                                   options=[("grpc.so_reuseport", 0)])
+        wpb_grpc.add_ControlServicer_to_server(self.control, self._server)
+        try:
+            bound = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {host}:{port} for workers: {exc}") from exc
+        self.address = f"{host}:{bound}"
+        self._server.start()
+        self.engine = Engine.from_replicas(
+            self.config, load_tokenizer(self.model), self.prefill, self.decode, sizes=sizes,
+            max_queue=max_queue, progress=False,
+        )
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, args=(heartbeat_s, heartbeat_misses),
+                                           name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        log.info("front: workers join at %s (%d prefill, %d decode slots)", self.address, prefill.dp,
+                 decode.dp)
+
+    def settings(self, role: str) -> wpb.Settings:
+        s = self.sizes
+        return wpb.Settings(
+            model=self.model or "", page_size=s.page_size, num_pages=s.num_pages, max_context=s.max_context,
+            max_batch=s.max_batch, attention_backend=self.attention_backend or "", tp=self.specs[role].tp,
+        )
+
+    @property
+    def slots(self) -> list[RemoteReplica]:
+        return [*self.prefill, *self.decode]
+
+    def wait_until_full(self, timeout_s: float, children: list[subprocess.Popen] | None = None) -> None:
+        """Block until every slot has a live worker. Raises RuntimeError on timeout or a child's death."""
+        deadline = time.monotonic() + timeout_s
+        while not all(s.alive for s in self.slots):
+            for child in children or []:
+                if child.poll() is not None:
+                    raise RuntimeError(f"worker process {child.pid} exited with {child.returncode} before "
+                                       "registering (its log says why)")
+            if time.monotonic() > deadline:
+                missing = [f"{s.role} {s.index}" for s in self.slots if not s.alive]
+                raise RuntimeError(f"no worker registered for {', '.join(missing)} within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def _heartbeat_loop(self, interval: float, misses_allowed: int) -> None:
+        misses = {id(s): 0 for s in self.slots}
+        while not self._stop.wait(interval):
+            for slot in self.slots:
+                if not slot.alive:
+                    misses[id(slot)] = 0
+                    continue
+                if slot.heartbeat(timeout_s=interval * 2):
+                    misses[id(slot)] = 0
+                    continue
+                misses[id(slot)] += 1
+                if misses[id(slot)] >= misses_allowed:
+                    slot.mark_dead(f"{misses_allowed} heartbeats missed")
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        self.engine.shutdown(drain=drain, timeout=timeout)
+        self._stop.set()
+        self._server.stop(1.0)
+
+
+def spawn_workers(
+    front: Front,
+    *,
+    devices_per_worker: int | None = None,
+    cpus: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    progress: bool = False,
+) -> list[subprocess.Popen]:
+    """Start one child process per slot, each owning its own devices (``jdisagg worker --join``).
+
+    On CPU a child splits the host into ``devices_per_worker`` virtual devices (default: its role's tp);
+    ``cpus`` pins each role's children to cores (``{"prefill": "0", "decode": "1"}``). On GPUs each child
+    sees only its own ``tp`` GPUs (``CUDA_VISIBLE_DEVICES``), handed out in slot order.
+    """
+    children = []
+    gpu = 0
+    for slot in front.slots:
+        tp = front.specs[slot.role].tp
+        env = dict(os.environ)
+        flags = env.get("XLA_FLAGS", "").split()
+        env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu + i) for i in range(tp))
+        gpu += tp
+        command = [sys.executable, "-m", "jdisagg.cli", "worker", "--role", slot.role,
+                   "--join", front.address, "--devices", str(devices_per_worker or tp), "--exit-with-parent"]
+        if not progress:
+            command.append("--no-progress")
+        if cpus and cpus.get(slot.role):
+            command += ["--cpus", cpus[slot.role]]
+        out = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(log_dir / f"{slot.role}-{slot.index}.log", "w")  # noqa: SIM115 - child owns it
+        err = subprocess.STDOUT if out else None
+        children.append(subprocess.Popen(command, env=env, stdout=out, stderr=err))
+    return children
+
+
+def stop_workers(children: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

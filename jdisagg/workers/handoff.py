@@ -1,0 +1,163 @@
+"""The KV hand-off between processes: prefill offers its KV shards, decode pulls and reassembles them.
+
+JAX's transfer server (``jax.experimental.transfer``) moves device buffers between processes without a
+home-made transport: the sender registers arrays under a uuid (``await_pull``), the receiver pulls them
+into buffers it describes (``pull``). The receiver must describe exactly what was offered: a mismatched
+shape of the same byte size would be read as wrong data without an error. So every offer carries its
+layout (``KVLayout``: logical shape, dtype, shard count) and a position-weighted checksum per shard; the
+receiver checks the layout against its own model before pulling and the checksums after, and refuses on
+any difference.
+
+Shards travel as single-device arrays, one per kv-head range, which makes the sender's and the receiver's
+tensor-parallel degrees independent: TP4 prefill -> TP2 decode pulls two shards onto each decode device and
+concatenates them there; any other combination is reassembled on one device and resharded locally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import transfer
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from jdisagg.meshes import TP_AXIS
+from jdisagg.v1 import worker_pb2 as wpb
+
+HEAD_AXIS = 2  # KV is [layers, tokens, kv_heads, head_dim]
+CHECKSUM_RTOL = 1e-4
+
+
+class LayoutMismatchError(ValueError):
+    """An offered KV does not match what the receiver expects, or arrived different from what was sent."""
+
+
+@dataclass(frozen=True)
+class ExpectedKV:
+    """What a decode worker can take: its model's KV shape (token count varies by prompt bucket)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    lengths: tuple[int, ...]  # prompt buckets it compiled an insert program for
+
+
+@functools.partial(jax.jit)
+def checksum(x: jax.Array) -> jax.Array:
+    """Sum of the elements weighted by a hash of their flat position: a reshape, transpose or shard swap
+    of the same bytes changes it."""
+    flat = x.reshape(-1).astype(jnp.float32)
+    index = jnp.arange(flat.shape[0], dtype=jnp.uint32)
+    weight = ((index * jnp.uint32(2654435761)) >> 16).astype(jnp.float32) / 65536.0 + 0.5
+    return jnp.sum(flat * weight)
+
+
+def head_shards(x: jax.Array) -> list[jax.Array]:
+    """The distinct shards of ``x`` in kv-head order, as single-device arrays (replicas dropped)."""
+    by_start: dict[int, jax.Array] = {}
+    for shard in x.addressable_shards:
+        by_start.setdefault(shard.index[HEAD_AXIS].start or 0, shard.data)
+    return [by_start[start] for start in sorted(by_start)]
+
+
+class KVSender:
+    """Prefill side: offers KV on this process's transfer server until pulled or ``timeout_s`` passes."""
+
+    def __init__(self, host: str, timeout_s: float) -> None:
+        client = jax.devices()[0].client
+        self._server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"])
+        self.address: str = self._server.address()
+        self._timeout = datetime.timedelta(seconds=timeout_s)
+
+    def offer(self, k: jax.Array, v: jax.Array) -> wpb.KVOffer:
+        k_shards, v_shards = head_shards(k), head_shards(v)
+        if len(k_shards) != len(v_shards) or k.shape != v.shape or k.dtype != v.dtype:
+            raise LayoutMismatchError(f"k {k.shape} {k.dtype} and v {v.shape} {v.dtype} differ")
+        shards = k_shards + v_shards
+        layout = wpb.KVLayout(
+            shape=list(k.shape),
+            dtype=str(k.dtype),
+            num_shards=len(k_shards),
+            checksums=[float(c) for c in jax.device_get([checksum(s) for s in shards])],
+        )
+        uuid = secrets.randbits(63)
+        self._server.await_pull(uuid, shards, timeout=datetime.datetime.now() + self._timeout)
+        return wpb.KVOffer(transfer_address=self.address, uuid=uuid, layout=layout)
+
+
+class KVReceiver:
+    """Decode side: pulls offered KV onto one replica's mesh, in that replica's hand-off sharding."""
+
+    def __init__(self, host: str, mesh: Mesh, sharding: NamedSharding, expected: ExpectedKV) -> None:
+        client = jax.devices()[0].client
+        self._server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"])
+        self._connections: dict[str, transfer.TransferConnection] = {}
+        self._devices: list[jax.Device] = list(mesh.devices.ravel())
+        self._tp = mesh.shape[TP_AXIS]
+        self._sharding = sharding
+        self._expected = expected
+
+    def check(self, layout: wpb.KVLayout) -> None:
+        """Refuse an offer this replica would misread (before pulling anything)."""
+        e = self._expected
+        shape = tuple(layout.shape)
+        want = (e.num_layers, shape[1] if len(shape) == 4 else -1, e.num_kv_heads, e.head_dim)
+        problems = []
+        if shape != want:
+            problems.append(f"shape {shape} != expected {want}")
+        elif shape[1] not in e.lengths:
+            problems.append(f"{shape[1]} tokens is not a prompt bucket here {e.lengths}")
+        if layout.dtype != e.dtype:
+            problems.append(f"dtype {layout.dtype} != expected {e.dtype}")
+        n = layout.num_shards
+        if n < 1 or e.num_kv_heads % n:
+            problems.append(f"{n} shards do not split {e.num_kv_heads} kv heads evenly")
+        if len(layout.checksums) != 2 * max(n, 0):
+            problems.append(f"{len(layout.checksums)} checksums for {n} shards of k and v")
+        if problems:
+            raise LayoutMismatchError("KV hand-off refused: " + "; ".join(problems))
+
+    def pull(self, offer: wpb.KVOffer) -> tuple[jax.Array, jax.Array]:
+        """Pull, verify and reassemble an offer as (k, v) in this replica's hand-off sharding."""
+        layout = offer.layout
+        self.check(layout)
+        n = layout.num_shards
+        shape = tuple(layout.shape)
+        shard_shape = shape[:HEAD_AXIS] + (shape[HEAD_AXIS] // n,) + shape[HEAD_AXIS + 1 :]
+        grouped = n % self._tp == 0 and self._sharding.shard_shape(shape)[HEAD_AXIS] * self._tp == shape[2]
+        owners = [self._devices[i // (n // self._tp)] if grouped else self._devices[0] for i in range(n)]
+        specs = [jax.ShapeDtypeStruct(shard_shape, layout.dtype, sharding=SingleDeviceSharding(d))
+                 for d in owners + owners]
+        shards = self._connection(offer.transfer_address).pull(offer.uuid, specs)
+        got = jax.device_get([checksum(s) for s in shards])
+        if not np.allclose(got, list(layout.checksums), rtol=CHECKSUM_RTOL, atol=1e-3):
+            raise LayoutMismatchError(
+                "KV hand-off arrived different from what was sent (checksums differ): sender and receiver "
+                "disagree on the layout"
+            )
+        return self._assemble(shards[:n], owners, shape), self._assemble(shards[n:], owners, shape)
+
+    def _assemble(self, shards: Sequence[jax.Array], owners: Sequence[jax.Device], shape: tuple) -> jax.Array:
+        per_device: dict[jax.Device, list[jax.Array]] = {}
+        for device, shard in zip(owners, shards, strict=True):
+            per_device.setdefault(device, []).append(shard)
+        parts = [jnp.concatenate(p, axis=HEAD_AXIS) if len(p) > 1 else p[0] for p in per_device.values()]
+        if len(parts) == self._tp:
+            return jax.make_array_from_single_device_arrays(shape, self._sharding, parts)
+        return jax.device_put(parts[0], self._sharding)
+
+    def _connection(self, address: str) -> transfer.TransferConnection:
+        if address not in self._connections:
+            self._connections[address] = self._server.connect(address)
+        return self._connections[address]
+
+    def forget(self, address: str) -> None:
+        """Drop a cached connection (its sender died or restarted)."""
+        self._connections.pop(address, None)

@@ -1,0 +1,166 @@
+"""Front-side proxies of worker processes, shaped like the in-process replicas the engine drives.
+
+The engine's stages call these exactly as they call ``PrefillReplica`` and ``DecodeReplica``; each call is
+one RPC. The page allocator of a decode replica stays here, in the front: page tables are host state of
+the one scheduler, so no page is ever accounted in two places and a lost worker cannot leak any.
+
+Status codes from a worker decide what a failure means:
+- UNAVAILABLE (and a heartbeat that times out): the worker is gone. The proxy goes dead, the engine stops
+  routing to it and fails (decode) or retries elsewhere (prefill) what it held; a restarted worker can take
+  the slot again (``connect``).
+- ABORTED, or DEADLINE_EXCEEDED of a KV pull: the hand-off's *other* side was lost; the request fails with
+  UNAVAILABLE, the worker stays.
+- anything else: a bug or a refused hand-off; the request fails with INTERNAL and the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from jdisagg.errors import WorkerUnavailableError
+from jdisagg.kv_cache import PageAllocator
+from jdisagg.replicas import CompileTask, SamplingRow
+from jdisagg.v1 import worker_pb2 as wpb
+from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
+
+log = logging.getLogger("jdisagg.front")
+
+_LOST = (grpc.StatusCode.UNAVAILABLE,)
+_PEER_LOST = (grpc.StatusCode.ABORTED,)
+
+
+def _row(s: SamplingRow) -> wpb.SamplingRow:
+    return wpb.SamplingRow(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+
+
+class RemoteReplica:
+    """A slot for one worker of a role: dead until a worker registers into it."""
+
+    def __init__(self, role: str, index: int, rpc_timeout_s: float) -> None:
+        self.role, self.index = role, index
+        self._timeout = rpc_timeout_s
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: wpb_grpc.WorkerStub | None = None
+        self.address: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._stub is not None
+
+    def connect(self, address: str) -> None:
+        """Take a freshly registered worker into this slot."""
+        with self._lock:
+            self._close()
+            self._channel = grpc.insecure_channel(address)
+            self._stub = wpb_grpc.WorkerStub(self._channel)
+            self.address = address
+        log.info("%s slot %d: worker at %s joined", self.role, self.index, address)
+
+    def mark_dead(self, reason: str) -> None:
+        with self._lock:
+            if self._stub is None:
+                return
+            self._close()
+        log.warning("%s slot %d: worker at %s lost (%s)", self.role, self.index, self.address, reason)
+
+    def _close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._stub = None
+
+    def compile_tasks(self) -> list[CompileTask]:
+        return []  # the worker compiled before it registered
+
+    def heartbeat(self, timeout_s: float) -> bool:
+        """True if the worker answered; a worker that refuses connections is marked dead at once."""
+        try:
+            self._call("Heartbeat", wpb.Empty(), timeout_s)
+            return True
+        except WorkerUnavailableError:
+            return False
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        stub = self._stub
+        if stub is None:
+            raise WorkerUnavailableError(f"{self.role} worker {self.index} is down")
+        try:
+            return getattr(stub, method)(request, timeout=timeout or self._timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()
+            if code in _LOST or (code is grpc.StatusCode.DEADLINE_EXCEEDED and method != "Pull"):
+                self.mark_dead(f"{code.name}: {details}")
+                raise WorkerUnavailableError(
+                    f"{self.role} worker {self.index} ({self.address}) was lost: {details}"
+                ) from exc
+            if code in _PEER_LOST or code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise WorkerUnavailableError(f"KV hand-off failed: {details}") from exc
+            raise RuntimeError(f"{self.role} worker {self.index}: {code.name}: {details}") from exc
+
+
+class RemotePrefillReplica(RemoteReplica):
+    def __init__(self, index: int, rpc_timeout_s: float) -> None:
+        super().__init__("prefill", index, rpc_timeout_s)
+
+    def run(
+        self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
+    ) -> tuple[np.ndarray, np.ndarray, wpb.KVOffer]:
+        reply = self._call(
+            "Prefill", wpb.PrefillRequest(token_ids=list(token_ids), sampling=_row(sampling), forced=forced)
+        )
+        return np.array([reply.token]), np.array([reply.logprob]), reply.offer
+
+
+class RemoteDecodeReplica(RemoteReplica):
+    """A decode worker's slot; owns that worker's page allocator."""
+
+    def __init__(self, index: int, num_pages: int, rpc_timeout_s: float, pull_timeout_s: float) -> None:
+        super().__init__("decode", index, rpc_timeout_s)
+        self.allocator = PageAllocator(num_pages)
+        self._pull_timeout = pull_timeout_s
+
+    def receive(self, offer: wpb.KVOffer) -> tuple[wpb.StagedKV, int]:
+        """The decode worker pulls the offer from the prefill worker and stages it until ``insert``."""
+        reply = self._call("Pull", wpb.PullRequest(offer=offer), self._pull_timeout)
+        return reply.staged, reply.bytes
+
+    def insert(self, staged: wpb.StagedKV, pages: Sequence[int]) -> None:
+        self._call("Insert", wpb.InsertRequest(staged=staged, pages=list(pages)))
+
+    def discard(self, staged: wpb.StagedKV) -> None:
+        try:
+            self._call("Discard", staged)
+        except (WorkerUnavailableError, RuntimeError) as exc:
+            log.debug("discard of staged KV %d failed: %s", staged.id, exc)
+
+    def step(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        pages: Sequence[Sequence[int]],
+        sampling: Sequence[SamplingRow],
+        forced: Sequence[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        request = wpb.StepRequest(
+            tokens=list(tokens),
+            positions=list(positions),
+            page_counts=[len(p) for p in pages],
+            page_ids=[page for p in pages for page in p],
+            sampling=[_row(s) for s in sampling],
+            forced=list(forced),
+        )
+        reply = self._call("Step", request)
+        return np.array(reply.tokens, np.int32), np.array(reply.logprobs, np.float32)
+
+    def reset_pools(self) -> None:
+        if self.alive:
+            try:
+                self._call("Reset", wpb.Empty())
+            except (WorkerUnavailableError, RuntimeError) as exc:
+                log.warning("reset of decode worker %d failed: %s", self.index, exc)

@@ -1,0 +1,281 @@
+"""``jdisagg worker``: one prefill or decode replica in its own process, serving the internal Worker API.
+
+Start-up: ask the front for the serving settings (so a worker can never compile for other sizes than the
+front schedules), load the model, place it on this process's first ``tp`` devices, compile, listen, and
+register with a fingerprint of what it compiled. The front refuses a worker whose fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from jdisagg.v1 import worker_pb2 as wpb
+from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
+
+log = logging.getLogger("jdisagg.worker")
+
+ROLES = ("prefill", "decode")
+
+
+class WorkerStartError(Exception):
+    """The worker cannot start (front unreachable, settings it cannot serve, refused): exit 2."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    role: str
+    join: str  # the front's control address
+    host: str
+    port: int
+    model: str | None  # None: the model the front names
+    devices: int | None  # CPU only: virtual devices to split the host into (default: the role's tp)
+    cpus: str | None  # CPU cores to pin this process to, e.g. "0-3" or "0,2"
+    offer_timeout: float
+    progress: bool
+    exit_with_parent: bool
+
+
+def fingerprint(config: Any, kv_dtype: str, settings: wpb.Settings) -> str:
+    """What front and workers must agree on, as canonical JSON."""
+    return json.dumps(
+        {
+            "layers": config.num_layers,
+            "heads": config.num_heads,
+            "kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "vocab": config.vocab_size,
+            "kv_dtype": kv_dtype,
+            "page_size": settings.page_size,
+            "num_pages": settings.num_pages,
+            "max_context": settings.max_context,
+            "max_batch": settings.max_batch,
+        },
+        sort_keys=True,
+    )
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``"0-3,6"`` -> {0, 1, 2, 3, 6}."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+@contextmanager
+def _rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Map failures onto status codes the front tells apart: FAILED_PRECONDITION for a refused hand-off,
+    ABORTED for a lost peer (the sender's transfer server), INTERNAL for the rest. UNAVAILABLE is never
+    sent: it means *this* worker is gone."""
+    from jdisagg.workers.handoff import LayoutMismatchError
+
+    try:
+        yield
+    except LayoutMismatchError as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except KeyError as exc:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no staged KV {exc}")
+    except Exception as exc:  # noqa: BLE001 - report, keep serving
+        if "SocketServer" in str(exc) or "Connection" in str(exc):
+            context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {exc}")
+        log.exception("worker RPC failed")
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+class WorkerService(wpb_grpc.WorkerServicer):
+    """The Worker API over one local replica. A method of the other role answers FAILED_PRECONDITION."""
+
+    def __init__(self, role: str, replica: Any, sender: Any = None, receiver: Any = None) -> None:
+        self.role, self._replica = role, replica
+        self._sender, self._receiver = sender, receiver
+        self._staged: dict[int, tuple[Any, Any]] = {}
+        self._next_id = 1
+        self._lock = threading.Lock()
+
+    def _require(self, role: str, context: grpc.ServicerContext) -> None:
+        if self.role != role:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.role} worker, not {role}")
+
+    def Heartbeat(self, request: wpb.Empty, context: grpc.ServicerContext) -> wpb.Empty:
+        return wpb.Empty()
+
+    def Prefill(self, request: wpb.PrefillRequest, context: grpc.ServicerContext) -> wpb.PrefillReply:
+        from jdisagg.replicas import SamplingRow
+
+        self._require("prefill", context)
+        s = request.sampling
+        with _rpc_errors(context):
+            token, logprob, (k, v) = self._replica.run(
+                list(request.token_ids), SamplingRow(s.temperature, s.top_k, s.top_p, s.seed), request.forced
+            )
+            offer = self._sender.offer(k, v)
+            return wpb.PrefillReply(token=int(token[0]), logprob=float(logprob[0]), offer=offer)
+
+    def Pull(self, request: wpb.PullRequest, context: grpc.ServicerContext) -> wpb.PullReply:
+        self._require("decode", context)
+        with _rpc_errors(context):
+            start = time.perf_counter()
+            k, v = self._receiver.pull(request.offer)
+            seconds = time.perf_counter() - start
+            with self._lock:
+                staged_id, self._next_id = self._next_id, self._next_id + 1
+                self._staged[staged_id] = (k, v)
+            nbytes = k.nbytes + v.nbytes
+            return wpb.PullReply(staged=wpb.StagedKV(id=staged_id), bytes=nbytes, seconds=seconds)
+
+    def Insert(self, request: wpb.InsertRequest, context: grpc.ServicerContext) -> wpb.Empty:
+        self._require("decode", context)
+        with _rpc_errors(context):
+            with self._lock:
+                kv = self._staged.pop(request.staged.id)
+            self._replica.insert(kv, list(request.pages))
+            return wpb.Empty()
+
+    def Discard(self, request: wpb.StagedKV, context: grpc.ServicerContext) -> wpb.Empty:
+        with self._lock:
+            self._staged.pop(request.id, None)
+        return wpb.Empty()
+
+    def Step(self, request: wpb.StepRequest, context: grpc.ServicerContext) -> wpb.StepReply:
+        from jdisagg.replicas import SamplingRow
+
+        self._require("decode", context)
+        pages, offset = [], 0
+        for count in request.page_counts:
+            pages.append(list(request.page_ids[offset : offset + count]))
+            offset += count
+        rows = [SamplingRow(s.temperature, s.top_k, s.top_p, s.seed) for s in request.sampling]
+        with _rpc_errors(context):
+            tokens, logprobs = self._replica.step(
+                list(request.tokens), list(request.positions), pages, rows, list(request.forced)
+            )
+            return wpb.StepReply(tokens=tokens.tolist(), logprobs=logprobs.tolist())
+
+    def Reset(self, request: wpb.Empty, context: grpc.ServicerContext) -> wpb.Empty:
+        self._require("decode", context)
+        with self._lock:
+            self._staged.clear()
+        self._replica.reset_pools()
+        return wpb.Empty()
+
+
+def _settings(join: str, role: str, wait_s: float = 60.0) -> wpb.Settings:
+    """Ask the front, retrying while it starts."""
+    deadline = time.monotonic() + wait_s
+    with grpc.insecure_channel(join) as channel:
+        stub = wpb_grpc.ControlStub(channel)
+        while True:
+            try:
+                return stub.GetSettings(wpb.SettingsRequest(role=role), timeout=5.0)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise WorkerStartError(f"cannot reach the front at {join}: {exc.details()}") from exc
+                time.sleep(0.5)
+
+
+def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, str, str]:
+    """Load, place and compile; returns the service, its fingerprint and a device description."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+    from tqdm import tqdm
+
+    from jdisagg.engine import load_model
+    from jdisagg.meshes import TP_AXIS, MeshSpec, check_fits
+    from jdisagg.replicas import build_decode_replica, build_prefill_replica
+    from jdisagg.sizes import ServingSizes
+    from jdisagg.workers.handoff import ExpectedKV, KVReceiver, KVSender
+
+    devices = jax.devices()
+    if len(devices) < settings.tp:
+        raise WorkerStartError(f"the {opts.role} role needs tp={settings.tp} devices, this process sees "
+                               f"{len(devices)}")
+    model = opts.model or settings.model or None
+    module, _ = load_model(model)
+    config = module.config
+    try:
+        check_fits(MeshSpec(settings.tp, 1), num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                   phase=opts.role)
+    except ValueError as exc:
+        raise WorkerStartError(str(exc)) from exc
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    kv_dtype = str(jax.tree.leaves(state)[0].dtype)
+    sizes = ServingSizes(settings.page_size, settings.max_batch, settings.max_context, settings.num_pages)
+    mesh = Mesh(np.array(devices[: settings.tp]), (TP_AXIS,))
+    if opts.role == "prefill":
+        replica = build_prefill_replica(0, mesh, graphdef, state, sizes)
+        service = WorkerService("prefill", replica, sender=KVSender(opts.host, opts.offer_timeout))
+    else:
+        replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None)
+        expected = ExpectedKV(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
+                              sizes.prefill_buckets)
+        receiver = KVReceiver(opts.host, mesh, replica.kv_sharding, expected)
+        service = WorkerService("decode", replica, receiver=receiver)
+    tasks = replica.compile_tasks()
+    for _, run in tqdm(tasks, desc=f"compiling {opts.role}", disable=not opts.progress, unit="program"):
+        run()
+    device = f"{settings.tp} {devices[0].platform} device(s)"
+    return service, fingerprint(config, kv_dtype, settings), device
+
+
+def run_worker(opts: WorkerOptions) -> int:
+    """Start, register, serve until SIGTERM/SIGINT (or the parent process dies). Raises WorkerStartError."""
+    if opts.role not in ROLES:
+        raise WorkerStartError(f"--role must be one of {ROLES}, got {opts.role!r}")
+    if opts.cpus:
+        os.sched_setaffinity(0, parse_cpus(opts.cpus))
+    settings = _settings(opts.join, opts.role)
+    from jdisagg.serving.devices import request_host_devices
+
+    request_host_devices(max(opts.devices or settings.tp, settings.tp))
+    service, print_, device = _build(opts, settings)
+    server = grpc.server(ThreadPoolExecutor(16, thread_name_prefix="worker-rpc"),
+                         options=[("grpc.so_reuseport", 0)])
+    wpb_grpc.add_WorkerServicer_to_server(service, server)
+    try:
+        port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+    except RuntimeError as exc:
+        raise WorkerStartError(f"cannot listen on {opts.host}:{opts.port}: {exc}") from exc
+    server.start()
+    address = f"{opts.host}:{port}"
+    with grpc.insecure_channel(opts.join) as channel:
+        try:
+            reply = wpb_grpc.ControlStub(channel).Register(
+                wpb.RegisterRequest(role=opts.role, address=address, fingerprint=print_, device=device),
+                timeout=30.0,
+            )
+        except grpc.RpcError as exc:
+            server.stop(0)
+            raise WorkerStartError(f"the front refused this worker: {exc.details()}") from exc
+    log.info("%s worker on %s is slot %d of the front at %s", opts.role, address, reply.slot, opts.join)
+    print(f"jdisagg worker: {opts.role} slot {reply.slot} on {address}", flush=True)
+    _wait_for_stop(opts.exit_with_parent)
+    server.stop(2.0).wait()
+    return 0
+
+
+def _wait_for_stop(exit_with_parent: bool) -> None:
+    stop = threading.Event()
+    handler: Callable[[int, Any], None] = lambda signum, frame: stop.set()  # noqa: E731
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    parent = os.getppid()
+    while not stop.wait(0.5):
+        if exit_with_parent and os.getppid() != parent:
+            log.warning("parent process %d is gone: exiting", parent)
+            return

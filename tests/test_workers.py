@@ -1,0 +1,236 @@
+"""Prefill and decode workers as real processes on 127.0.0.1 (4 virtual CPU devices each).
+
+Outputs must equal the in-process engine's on the same meshes; a SIGKILLed worker must end its requests
+with UNAVAILABLE (or let them finish elsewhere) without hangs or reserved pages; a restarted worker
+rejoins; a layout the receiver would misread is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jdisagg.engine import Engine
+from jdisagg.meshes import parse_mesh_spec
+from jdisagg.models.demo import DEMO_CONFIG
+from jdisagg.sampling_params import SamplingParams
+from jdisagg.serving.client import make_request
+from jdisagg.serving.server import GenerationServer
+from jdisagg.sizes import plan_sizes
+from jdisagg.v1 import jdisagg_pb2_grpc as pb_grpc
+from jdisagg.v1 import worker_pb2 as wpb
+from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
+from jdisagg.workers.front import Front, spawn_workers, stop_workers
+
+SIZES = plan_sizes(DEMO_CONFIG, page_size=16, max_batch=4, max_context=128, num_pages=None)
+PROMPTS = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nWe are", "To be, or not", "KING HENRY", "Ay"]
+GREEDY = SamplingParams(max_tokens=24)
+SAMPLED = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, seed=7)
+
+
+class Cluster:
+    """A front with one child process per slot, logs under ``log_dir``."""
+
+    def __init__(self, prefill: str, decode: str, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.front = Front(None, parse_mesh_spec(prefill), parse_mesh_spec(decode), SIZES,
+                           pull_timeout_s=20.0, rpc_timeout_s=30.0)
+        self.children = spawn_workers(self.front, devices_per_worker=4, log_dir=log_dir)
+        self.front.wait_until_full(timeout_s=600.0, children=self.children)
+
+    def child(self, role: str, index: int) -> subprocess.Popen:
+        return self.children[[(s.role, s.index) for s in self.front.slots].index((role, index))]
+
+    def rejoin(self, role: str) -> subprocess.Popen:
+        """Start a replacement worker by hand, as an operator would on another host."""
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        log = open(self.log_dir / f"{role}-rejoined.log", "w")  # noqa: SIM115 - closed with the process
+        child = subprocess.Popen(
+            [sys.executable, "-m", "jdisagg.cli", "worker", "--role", role, "--join", self.front.address,
+             "--devices", "4", "--no-progress", "--exit-with-parent"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.children.append(child)
+        return child
+
+    def close(self) -> None:
+        self.front.shutdown(drain=False, timeout=5.0)
+        stop_workers(self.children)
+
+
+def _texts(engine: Engine, params: SamplingParams) -> list[list[int]]:
+    return [o.token_ids for o in engine.generate(PROMPTS, params)]
+
+
+_REFERENCES: dict[tuple[str, str], dict[str, list[list[int]]]] = {}
+
+
+def _reference(prefill: str, decode: str) -> dict[str, list[list[int]]]:
+    """The in-process engine's tokens on the same meshes (computed once per layout)."""
+    if (prefill, decode) not in _REFERENCES:
+        _REFERENCES[prefill, decode] = _reference_uncached(prefill, decode)
+    return _REFERENCES[prefill, decode]
+
+
+def _reference_uncached(prefill: str, decode: str) -> dict[str, list[list[int]]]:
+    with Engine(prefill_mesh=prefill, decode_mesh=decode, page_size=SIZES.page_size,
+                max_batch=SIZES.max_batch, max_context=SIZES.max_context, progress=False) as engine:
+        return {"greedy": _texts(engine, GREEDY), "sampled": _texts(engine, SAMPLED)}
+
+
+def _pages_used(front: Front) -> list[int]:
+    return [slot.allocator.used for slot in front.decode]
+
+
+@pytest.fixture(scope="module")
+def tp4_to_tp2(tmp_path_factory) -> Iterator[Cluster]:
+    cluster = Cluster("4x1", "2x2", tmp_path_factory.mktemp("tp4_to_tp2"))
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def tp2_to_tp1(tmp_path_factory) -> Iterator[Cluster]:
+    """Two prefill workers (TP2) and two decode workers (TP1): every role has a survivor."""
+    cluster = Cluster("2x2", "1x2", tmp_path_factory.mktemp("tp2_to_tp1"))
+    yield cluster
+    cluster.close()
+
+
+def test_tp4_prefill_to_tp2_decode_matches_in_process_engine(tp4_to_tp2):
+    want = _reference("4x1", "2x2")
+    engine = tp4_to_tp2.front.engine
+    assert _texts(engine, GREEDY) == want["greedy"]
+    assert _texts(engine, SAMPLED) == want["sampled"]
+    assert _pages_used(tp4_to_tp2.front) == [0, 0]
+    assert engine.metrics.transfer_bytes._value.get() > 0
+
+
+def test_tp2_prefill_to_tp1_decode_with_dp2_matches_in_process_engine(tp2_to_tp1):
+    want = _reference("2x2", "1x2")
+    engine = tp2_to_tp1.front.engine
+    assert _texts(engine, GREEDY) == want["greedy"]
+    assert _texts(engine, SAMPLED) == want["sampled"]
+    assert _pages_used(tp2_to_tp1.front) == [0, 0]
+
+
+def test_mismatched_fingerprint_is_refused_at_registration(tp2_to_tp1):
+    front = tp2_to_tp1.front
+    theirs = json.loads(_fingerprint(front))
+    theirs["kv_heads"] = 2
+    with grpc.insecure_channel(front.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            wpb_grpc.ControlStub(channel).Register(
+                wpb.RegisterRequest(role="decode", address="127.0.0.1:1", fingerprint=json.dumps(theirs)),
+                timeout=10,
+            )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "kv_heads=2 (front expects 4)" in err.value.details()
+
+
+def _fingerprint(front: Front) -> str:
+    from jdisagg.workers.worker import fingerprint
+
+    return fingerprint(front.config, front.control.kv_dtype, front.settings("decode"))
+
+
+def test_mismatched_kv_layout_is_refused_never_decoded(tp2_to_tp1):
+    """An offer described wrongly is refused by the receiver: before pulling (shape) or after (shards
+    listed in another order than sent), with FAILED_PRECONDITION, and the worker keeps serving."""
+    front = tp2_to_tp1.front
+    with (grpc.insecure_channel(front.prefill[0].address) as p_channel,
+          grpc.insecure_channel(front.decode[0].address) as d_channel):
+        prefill, decode = wpb_grpc.WorkerStub(p_channel), wpb_grpc.WorkerStub(d_channel)
+
+        def offer() -> wpb.KVOffer:
+            request = wpb.PrefillRequest(token_ids=[72, 105], sampling=wpb.SamplingRow(top_p=1.0), forced=-1)
+            return prefill.Prefill(request, timeout=30).offer
+
+        good = offer()
+        assert good.layout.num_shards == 2  # TP2 prefill: one shard per device
+        wrong_shape = wpb.KVOffer()
+        wrong_shape.CopyFrom(good)
+        wrong_shape.layout.shape[2], wrong_shape.layout.shape[3] = good.layout.shape[3], good.layout.shape[2]
+        swapped = offer()
+        c = list(swapped.layout.checksums)
+        swapped.layout.ClearField("checksums")
+        swapped.layout.checksums.extend([c[1], c[0], c[3], c[2]])
+        for bad, phrase in ((wrong_shape, "shape"), (swapped, "checksums differ")):
+            with pytest.raises(grpc.RpcError) as err:
+                decode.Pull(wpb.PullRequest(offer=bad), timeout=30)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+            assert phrase in err.value.details()
+        staged = decode.Pull(wpb.PullRequest(offer=good), timeout=30).staged  # still serving
+        decode.Discard(staged, timeout=10)
+    assert _texts(front.engine, GREEDY) == _texts(front.engine, GREEDY)
+
+
+def _stream(address: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """(outcome, tokens received): "ok" or the status code's name."""
+    tokens = 0
+    with grpc.insecure_channel(address) as channel:
+        try:
+            for response in pb_grpc.GenerationStub(channel).Generate(
+                make_request(prompt, max_tokens=max_tokens), timeout=120
+            ):
+                tokens += len(response.token_ids)
+        except grpc.RpcError as exc:
+            return exc.code().name, tokens
+    return "ok", tokens
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_sigkilled_worker_ends_or_reroutes_its_requests_and_a_restarted_one_rejoins(tp2_to_tp1, role):
+    front = tp2_to_tp1.front
+    server = GenerationServer("127.0.0.1", 0, 64)
+    server.serve(front.engine, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        victim = tp2_to_tp1.child(role, 0)
+        prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(12)]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(_stream, address, p, 96) for p in prompts]
+            deadline = time.monotonic() + 60
+            while front.engine.metrics.generation_tokens._value.get() < 40 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(victim.pid, signal.SIGKILL)
+            started = time.monotonic()
+            outcomes = [f.result(timeout=120) for f in futures]
+            ended_within = time.monotonic() - started
+        assert ended_within < 120
+        codes = {code for code, _ in outcomes}
+        assert codes <= {"ok", "UNAVAILABLE"}, outcomes
+        if role == "decode":
+            assert "UNAVAILABLE" in codes, outcomes  # the dead decode worker's streams
+        assert "ok" in codes, outcomes  # the survivors' streams
+        _wait(lambda: not getattr(front, role)[0].alive, "the dead worker is noticed")
+        _wait(lambda: front.engine.stats()["live"] == 0, "every request ended")
+        assert _pages_used(front) == [0, 0]
+
+        survivors = front.engine.generate(PROMPTS[:2], GREEDY)  # served by the survivors
+        assert all(o.error is None and len(o.token_ids) == 24 for o in survivors)
+
+        tp2_to_tp1.rejoin(role)
+        _wait(lambda: getattr(front, role)[0].alive, "the restarted worker rejoins", timeout=300)
+        assert _texts(front.engine, GREEDY) == _reference("2x2", "1x2")["greedy"]
+        assert _pages_used(front) == [0, 0]
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        server.shutdown(None, 1.0)
+
+
+def _wait(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
