@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -138,6 +139,47 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(run=_worker)
 
+    bench = subs.add_parser(
+        "bench", help="load-test a running server", description=(
+            "Send a seeded synthetic workload to a jdisagg server over gRPC and report throughput, TTFT, "
+            "TPOT, inter-token and end-to-end latency (mean/p50/p90/p99) and goodput under SLOs. Prompts are "
+            "random token ids; outputs ignore EOS so each request yields exactly its drawn length."))
+    bench.add_argument("--server", default="127.0.0.1:50051", help="gRPC address (default: %(default)s)")
+    bench.add_argument("--num-requests", type=_positive, default=100,
+                       help="measured requests (default: %(default)s)")
+    bench.add_argument("--warmup", type=_integer, default=4,
+                       help="requests sent first, one at a time, and left out of every number "
+                            "(default: %(default)s)")
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=math.inf,
+                      help="arrivals per second (default: all at once)")
+    load.add_argument("--concurrency", type=_positive, default=None,
+                      help="keep this many requests in flight instead of an arrival rate")
+    bench.add_argument("--burstiness", type=float, default=1.0,
+                       help="gamma shape of the inter-arrival gaps: 1 is Poisson, < 1 burstier "
+                            "(default: %(default)s)")
+    bench.add_argument("--prompt-len", default="32", metavar="N|LO:HI",
+                       help="prompt tokens, fixed or uniform (default: %(default)s)")
+    bench.add_argument("--output-len", default="64", metavar="N|LO:HI",
+                       help="output tokens, fixed or uniform (default: %(default)s)")
+    bench.add_argument("--long-fraction", type=float, default=0.0,
+                       help="share of requests with long prompts, e.g. 0.1 (default: %(default)s)")
+    bench.add_argument("--long-prompt-len", default="768", metavar="N|LO:HI",
+                       help="prompt tokens of the long requests (default: %(default)s)")
+    bench.add_argument("--long-output-len", default=None, metavar="N|LO:HI",
+                       help="output tokens of the long requests (default: --output-len)")
+    bench.add_argument("--vocab-size", type=_positive, default=256,
+                       help="prompt token ids are drawn from [0, this) (default: %(default)s, the demo's)")
+    bench.add_argument("--seed", type=_integer, default=0, help="seed of lengths, tokens and arrivals")
+    bench.add_argument("--slo-ttft", type=float, default=None, metavar="MS", help="TTFT SLO for goodput")
+    bench.add_argument("--slo-tpot", type=float, default=None, metavar="MS", help="TPOT SLO for goodput")
+    bench.add_argument("--metrics-url", default=None,
+                       help="the server's Prometheus endpoint, e.g. http://127.0.0.1:9400/metrics: report "
+                            "its own latency means over the same requests next to ours")
+    bench.add_argument("--json", metavar="PATH", default=None, help="write the full summary as JSON")
+    bench.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    bench.set_defaults(run=_bench)
+
     gen = subs.add_parser(
         "generate", help="stream a completion from a server", description=(
             "Send one prompt to a running server and stream the generated text to stdout as it arrives. "
@@ -187,6 +229,35 @@ def _worker(args: argparse.Namespace) -> int:
         return run_worker(opts)
     except WorkerStartError as exc:
         return _fail(2, str(exc))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jdisagg.bench import BenchOptions, Lengths, Workload, format_summary, run_bench, write_json
+
+    try:
+        workload = Workload(
+            Lengths.parse(args.prompt_len), Lengths.parse(args.output_len), args.long_fraction,
+            Lengths.parse(args.long_prompt_len) if args.long_fraction else None,
+            Lengths.parse(args.long_output_len) if args.long_output_len else None, args.vocab_size,
+        )
+        if not 0 <= args.long_fraction <= 1 or args.burstiness <= 0 or args.rate <= 0:
+            raise ValueError("want 0 <= --long-fraction <= 1, --burstiness > 0 and --rate > 0")
+    except ValueError as exc:
+        return _fail(2, str(exc))
+    opts = BenchOptions(
+        args.server, workload, args.num_requests, args.rate, args.burstiness, args.concurrency, args.warmup,
+        args.seed, args.slo_ttft, args.slo_tpot, args.metrics_url, progress=args.progress,
+    )
+    try:
+        summary = run_bench(opts)
+    except OSError as exc:
+        return _fail(1, f"cannot reach the server's metrics: {exc}")
+    print(format_summary(summary))
+    if args.json:
+        write_json(summary, args.json)
+    if summary["succeeded"] == 0:
+        return _fail(1, f"no request succeeded: {summary['failed']}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -435,14 +435,6 @@ class Engine:
 
     def _on_token(self, request: Request, token: int, logprob: float) -> FinishReason | None:
         """Record a sampled token, stream it, and say whether the request is now done."""
-        now = time.monotonic()
-        m = request.metrics
-        if m.first_token is None:
-            m.first_token = now
-            self.metrics.ttft.observe(now - m.arrival)
-        elif m.token_times:
-            self.metrics.itl.observe(now - m.token_times[-1])
-        m.token_times.append(now)
         request.output_ids.append(token)
         request.logprobs.append(logprob)
         self.metrics.generation_tokens.inc()
@@ -677,6 +669,7 @@ class Engine:
                     self._finish(request, state, [], "", FinishReason.STOP, None)
                     del states[request.id]
                 continue
+            self._stamp(request, len(token_ids))
             state.token_ids += token_ids
             state.text += state.detokenizer.add(token_ids)
             if finish is not None:
@@ -703,6 +696,19 @@ class Engine:
                 continue
             self._finish(request, state, token_ids, delta, finish, error)
             del states[request.id]
+
+    def _stamp(self, request: Request, count: int) -> None:
+        """Time tokens as they reach the stream, which is when a client can see them (TTFT, ITL)."""
+        if not count:
+            return
+        now = time.monotonic()
+        m = request.metrics
+        if m.first_token is None:
+            m.first_token = now
+            self.metrics.ttft.observe(now - m.arrival)
+        elif m.token_times:
+            self.metrics.itl.observe(now - m.token_times[-1])
+        m.token_times += [now] * count
 
     @staticmethod
     def _find_stop(stops: tuple[str, ...], text: str, emitted: int) -> int | None:

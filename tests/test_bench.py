@@ -1,0 +1,104 @@
+"""``jdisagg bench``: its workload and statistics, and a real run against a real server on loopback."""
+
+from __future__ import annotations
+
+import math
+import socket
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from jdisagg.bench import (
+    BenchOptions,
+    Lengths,
+    Record,
+    Workload,
+    arrival_offsets,
+    make_requests,
+    percentiles,
+    run_bench,
+    summarize,
+)
+from jdisagg.engine import Engine
+from jdisagg.serving.server import GenerationServer
+
+MIXED = Workload(Lengths(8, 24), Lengths(4, 12), 0.25, Lengths(64, 96), Lengths(2, 2))
+
+
+def test_lengths_parse_fixed_and_ranges():
+    assert Lengths.parse("32") == Lengths(32, 32)
+    assert Lengths.parse("16:64") == Lengths(16, 64)
+    for bad in ("0", "9:3", "x"):
+        with pytest.raises(ValueError):
+            Lengths.parse(bad)
+
+
+def test_workload_is_seeded_and_mixes_long_prompts():
+    a, b, c = (make_requests(MIXED, 400, seed) for seed in (1, 1, 2))
+    assert a == b and a != c
+    long = [r for r in a if r.long]
+    assert 0.15 < len(long) / len(a) < 0.35
+    assert all(64 <= len(r.prompt_ids) <= 96 and r.max_tokens == 2 for r in long)
+    assert all(8 <= len(r.prompt_ids) <= 24 and 4 <= r.max_tokens <= 12 for r in a if not r.long)
+
+
+@pytest.mark.parametrize("burstiness", [1.0, 0.25, 4.0])
+def test_arrivals_have_the_asked_rate_and_burstiness(burstiness):
+    offsets = arrival_offsets(4000, rate=8.0, burstiness=burstiness, seed=0)
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    assert statistics.fmean(gaps) == pytest.approx(1 / 8, rel=0.1)
+    cv2 = statistics.pvariance(gaps) / statistics.fmean(gaps) ** 2  # gamma: 1 / shape
+    assert cv2 == pytest.approx(1 / burstiness, rel=0.2)
+    assert arrival_offsets(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
+
+
+def test_statistics_of_hand_built_records():
+    fast = Record(sent=0.0, long=False, prompt_tokens=4, token_times=[0.1, 0.2, 0.3], done=0.3)
+    slow = Record(sent=0.0, long=True, prompt_tokens=8, token_times=[1.0, 1.5], done=1.5)
+    failed = Record(sent=0.0, long=False, prompt_tokens=4, status="UNAVAILABLE", done=0.1)
+    s = summarize([fast, slow, failed], duration=2.0, slo_ttft_ms=500, slo_tpot_ms=200)
+    assert s["succeeded"] == 2 and s["failed"] == {"UNAVAILABLE": 1}
+    assert s["ttft_ms"]["mean"] == pytest.approx(550) and s["ttft_ms"]["p99"] == pytest.approx(1000)
+    assert s["tpot_ms"]["p50"] == pytest.approx(100) and s["tpot_ms"]["p99"] == pytest.approx(500)
+    assert s["output_token_throughput"] == pytest.approx(2.5)
+    assert s["goodput"] == pytest.approx(0.5)  # only `fast` meets both SLOs
+    assert percentiles([]) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bench_against_a_live_server_counts_every_request_on_both_sides():
+    with Engine(prefill_mesh="2x1", decode_mesh="1x2", max_batch=8, max_context=128,
+                progress=False) as engine:
+        server = GenerationServer("127.0.0.1", 0, 64)
+        metrics_port = _free_port()
+        server.serve(engine, "127.0.0.1", metrics_port)
+        try:
+            summary = run_bench(BenchOptions(
+                f"127.0.0.1:{server.port}", MIXED, num_requests=16, rate=50.0, burstiness=0.5, warmup=2,
+                seed=3, slo_tpot_ms=1e6, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                progress=False,
+            ))
+        finally:
+            server.shutdown(None, 1.0)
+    requests = make_requests(MIXED, 18, 3)[2:]
+    assert summary["succeeded"] == 16 and not summary["failed"]
+    assert summary["output_token_throughput"] * summary["duration_s"] == sum(r.max_tokens for r in requests)
+    assert summary["goodput"] == pytest.approx(summary["request_throughput"])
+    # The server's histograms saw exactly the measured requests (warm-up excluded on both sides).
+    assert summary["server_requests"] == {"ttft_ms": 16, "tpot_ms": 16, "e2e_ms": 16}
+    assert all(ratio > 0 for ratio in summary["server_over_client"].values())
+
+
+def test_bench_cli_rejects_bad_lengths_with_one_line():
+    run = subprocess.run([sys.executable, "-m", "jdisagg.cli", "bench", "--prompt-len", "9:3"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["jdisagg: error: lengths '9:3': want N or LOW:HIGH with 1 <= "
+                                               "LOW <= HIGH"]
