@@ -333,6 +333,8 @@ class Engine:
         with self._cv:
             if not self._accepting:
                 raise EngineClosedError("engine is shutting down")
+            if not self._servable():
+                raise WorkerUnavailableError("no live prefill or decode worker: try again later")
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             if len(self._waiting) >= self.max_queue:
@@ -480,6 +482,8 @@ class Engine:
         while True:
             with self._cv:
                 while (not self._waiting or not prefill.alive) and not self._stopping:
+                    if self._waiting and not self._servable():
+                        self._fail_waiting()
                     self._cv.wait(timeout=None if prefill.alive else _IDLE_POLL_S * 10)
                 if self._stopping:
                     return
@@ -487,6 +491,8 @@ class Engine:
                 need = pages_needed(len(request.all_ids) + 1, self.page_size)
                 target = self._pick_replica(need)
                 if target is None:
+                    if not self._servable():
+                        self._fail_waiting()
                     self._cv.wait(timeout=_IDLE_POLL_S)
                     continue
                 self._waiting.popleft()
@@ -506,6 +512,17 @@ class Engine:
                 self._fail(request, target, pages, exc)
                 continue
             self._transfers.put(_Handoff(request, target, pages, token, logprob, kv))
+
+    def _servable(self) -> bool:
+        """Some prefill and some decode replica are alive (always, in process)."""
+        return any(p.alive for p in self._prefill) and any(d.alive for d in self._decode)
+
+    def _fail_waiting(self) -> None:
+        """No worker of a role is left: end every waiting request now (UNAVAILABLE) instead of letting it
+        wait for a worker that may never come."""
+        while self._waiting:
+            request = self._waiting.popleft()
+            self._fail(request, None, [], WorkerUnavailableError("no live prefill or decode worker"))
 
     def _retry_elsewhere(
         self, request: Request, target: Any, pages: list[int], exc: WorkerUnavailableError

@@ -234,3 +234,57 @@ def _wait(predicate, what: str, timeout: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.05)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Child pids of ``pid``, from /proc (field 4 of /proc/N/stat is the parent)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_launch_processes_serves_and_sigterm_stops_its_workers(tmp_path):
+    from jdisagg.serving.client import wait_until_serving
+    from jdisagg.v1 import jdisagg_pb2 as pb
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    with open(tmp_path / "launch.log", "wb") as log:
+        front = subprocess.Popen(
+            [sys.executable, "-m", "jdisagg.cli", "launch", "--processes", "--prefill-mesh", "1x1",
+             "--decode-mesh", "1x1", "--max-batch", str(SIZES.max_batch), "--max-context",
+             str(SIZES.max_context), "--port", str(port), "--metrics-port", "0", "--no-progress"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", 600)
+        children = _children(front.pid)
+        assert len(children) == 2, children  # one prefill and one decode worker
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = pb_grpc.GenerationStub(channel).GenerateUnary(
+                make_request(PROMPTS[0], max_tokens=GREEDY.max_tokens), timeout=120
+            )
+        assert list(reply.token_ids) == _reference("1x1", "1x1")["greedy"][0]
+        assert reply.finish_reason == pb.FINISH_REASON_LENGTH
+        front.send_signal(signal.SIGTERM)
+        assert front.wait(timeout=120) == 0, (tmp_path / "launch.log").read_text()[-3000:]
+        for pid in children:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if front.poll() is None:
+            front.kill()

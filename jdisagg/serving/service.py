@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from jdisagg.engine import Engine
-from jdisagg.errors import EngineClosedError, QueueFullError
+from jdisagg.errors import EngineClosedError, QueueFullError, WorkerUnavailableError
 from jdisagg.outputs import FinishReason, Output
 from jdisagg.requests import RequestStream
 from jdisagg.serving.convert import (
@@ -84,7 +84,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineClosedError as exc:
+        except (EngineClosedError, WorkerUnavailableError) as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return stream, _cancel_when_rpc_ends(stream, context)
 

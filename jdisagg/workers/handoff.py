@@ -38,6 +38,10 @@ class LayoutMismatchError(ValueError):
     """An offered KV does not match what the receiver expects, or arrived different from what was sent."""
 
 
+class PeerLostError(RuntimeError):
+    """The pull failed on the transport: the sender's process or its offer is gone."""
+
+
 @dataclass(frozen=True)
 class ExpectedKV:
     """What a decode worker can take: its model's KV shape (token count varies by prompt bucket)."""
@@ -135,7 +139,11 @@ class KVReceiver:
         owners = [self._devices[i // (n // self._tp)] if grouped else self._devices[0] for i in range(n)]
         specs = [jax.ShapeDtypeStruct(shard_shape, layout.dtype, sharding=SingleDeviceSharding(d))
                  for d in owners + owners]
-        shards = self._connection(offer.transfer_address).pull(offer.uuid, specs)
+        try:
+            shards = self._connection(offer.transfer_address).pull(offer.uuid, specs)
+        except Exception as exc:  # noqa: BLE001 - the transport raises one runtime error type for all
+            self.forget(offer.transfer_address)
+            raise PeerLostError(f"pull from {offer.transfer_address} failed: {exc}") from exc
         got = jax.device_get([checksum(s) for s in shards])
         if not np.allclose(got, list(layout.checksums), rtol=CHECKSUM_RTOL, atol=1e-3):
             raise LayoutMismatchError(

@@ -79,11 +79,17 @@ class RemoteReplica:
         return []  # the worker compiled before it registered
 
     def heartbeat(self, timeout_s: float) -> bool:
-        """True if the worker answered; a worker that refuses connections is marked dead at once."""
+        """True if the worker answered. One that refuses connections is marked dead at once; a slow answer
+        is only a miss (the front decides after several)."""
+        stub = self._stub
+        if stub is None:
+            return False
         try:
-            self._call("Heartbeat", wpb.Empty(), timeout_s)
+            stub.Heartbeat(wpb.Empty(), timeout=timeout_s)
             return True
-        except WorkerUnavailableError:
+        except grpc.RpcError as exc:
+            if exc.code() in _LOST:
+                self.mark_dead(f"heartbeat: {exc.details()}")
             return False
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:

@@ -80,17 +80,17 @@ def _rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     """Map failures onto status codes the front tells apart: FAILED_PRECONDITION for a refused hand-off,
     ABORTED for a lost peer (the sender's transfer server), INTERNAL for the rest. UNAVAILABLE is never
     sent: it means *this* worker is gone."""
-    from jdisagg.workers.handoff import LayoutMismatchError
+    from jdisagg.workers.handoff import LayoutMismatchError, PeerLostError
 
     try:
         yield
     except LayoutMismatchError as exc:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except PeerLostError as exc:
+        context.abort(grpc.StatusCode.ABORTED, str(exc))
     except KeyError as exc:
         context.abort(grpc.StatusCode.NOT_FOUND, f"no staged KV {exc}")
     except Exception as exc:  # noqa: BLE001 - report, keep serving
-        if "SocketServer" in str(exc) or "Connection" in str(exc):
-            context.abort(grpc.StatusCode.ABORTED, f"KV transfer failed: {exc}")
         log.exception("worker RPC failed")
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
