@@ -141,6 +141,8 @@ def test_sigterm_drains_and_exits_0(launched):
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
         with pytest.raises(grpc.RpcError) as err:
             stub.GenerateUnary(make_request("late"), timeout=30)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Turned away: by the closed service (UNAVAILABLE) or, if it lands while the server stops, by gRPC.
+        turned_away = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert err.value.code() in turned_away, (err.value.code(), err.value.details())
     assert process.wait(timeout=60) == 0
     assert "draining" in (logs / "err").read_text(errors="replace")

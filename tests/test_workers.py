@@ -49,7 +49,10 @@ class Cluster:
         self.front.wait_until_full(timeout_s=600.0, children=self.children)
 
     def child(self, role: str, index: int) -> subprocess.Popen:
-        return self.children[[(s.role, s.index) for s in self.front.slots].index((role, index))]
+        """The process serving slot ``index`` of ``role`` (workers take free slots in the order they finish
+        compiling, so spawn order says nothing)."""
+        pid = getattr(self.front, role)[index].pid
+        return next(c for c in self.children if c.pid == pid)
 
     def rejoin(self, role: str) -> subprocess.Popen:
         """Start a replacement worker by hand, as an operator would on another host."""

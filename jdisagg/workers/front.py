@@ -66,9 +66,9 @@ class ControlService(wpb_grpc.ControlServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"all {len(slots)} {request.role} slots have a live worker")
             slot = free[0]
-            slot.connect(request.address)
-        log.info("%s worker %s registered (%s) into slot %d", request.role, request.address, request.device,
-                 slot.index)
+            slot.connect(request.address, request.pid)
+        log.info("%s worker %s (pid %d, %s) registered into slot %d", request.role, request.address,
+                 request.pid, request.device, slot.index)
         return wpb.RegisterReply(slot=slot.index)
 
 

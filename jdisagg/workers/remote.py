@@ -49,19 +49,20 @@ class RemoteReplica:
         self._channel: grpc.Channel | None = None
         self._stub: wpb_grpc.WorkerStub | None = None
         self.address: str | None = None
+        self.pid: int | None = None  # the worker's process id on its own host
 
     @property
     def alive(self) -> bool:
         return self._stub is not None
 
-    def connect(self, address: str) -> None:
+    def connect(self, address: str, pid: int | None = None) -> None:
         """Take a freshly registered worker into this slot."""
         with self._lock:
             self._close()
             self._channel = grpc.insecure_channel(address)
             self._stub = wpb_grpc.WorkerStub(self._channel)
-            self.address = address
-        log.info("%s slot %d: worker at %s joined", self.role, self.index, address)
+            self.address, self.pid = address, pid
+        log.info("%s slot %d: worker at %s (pid %s) joined", self.role, self.index, address, pid)
 
     def mark_dead(self, reason: str) -> None:
         with self._lock:

@@ -256,7 +256,8 @@ def run_worker(opts: WorkerOptions) -> int:
     with grpc.insecure_channel(opts.join) as channel:
         try:
             reply = wpb_grpc.ControlStub(channel).Register(
-                wpb.RegisterRequest(role=opts.role, address=address, fingerprint=print_, device=device),
+                wpb.RegisterRequest(role=opts.role, address=address, fingerprint=print_, device=device,
+                                    pid=os.getpid()),
                 timeout=30.0,
             )
         except grpc.RpcError as exc:
