@@ -164,6 +164,7 @@ def summarize(records: Sequence[Record], duration: float, slo_ttft_ms: float | N
         "succeeded": len(ok),
         "failed": {s: sum(r.status == s for r in records) for s in {r.status for r in records} - {"OK"}},
         "duration_s": duration,
+        "output_tokens": output_tokens,
         "request_throughput": len(ok) / duration,
         "output_token_throughput": output_tokens / duration,
         "total_token_throughput": (output_tokens + sum(r.prompt_tokens for r in ok)) / duration,
