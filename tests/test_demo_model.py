@@ -1,13 +1,17 @@
 """The shipped demo model, measured through the serving path.
 
-Held-out text (the last 5% of tinyshakespeare, never trained on) is scored by forcing it token by token
-through prefill, the KV hand-off and decode steps on the paged cache (``Engine.score``). The result must
-equal the training forward's loss on the same windows.
+Held-out text (the last 5% of tinyshakespeare, never trained on) is cut into strided windows: a 128-byte
+prompt, then 128 bytes forced token by token through prefill, the KV hand-off and decode steps on the
+paged cache (``Engine.score``). Every scored byte is predicted from the real text before it, part of it
+read back from KV that crossed from the prefill mesh to the decode mesh, so a wrong mask, position or
+hand-off shows up as a jump in bits/byte. The result must equal the training forward's on the same windows
+and the number recorded when the weights were trained, and stay under the quality bar.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -21,7 +25,8 @@ from jdisagg.engine import Engine
 from jdisagg.models.demo import DEMO_DIR, load_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW = 128  # bytes predicted per window
+# A regression bar, not the goal (2.2, issue 7): the shipped weights measure 2.222 (training.json).
+MAX_BITS_PER_BYTE = 2.25
 
 
 def _load_train_demo():
@@ -32,31 +37,32 @@ def _load_train_demo():
 
 
 train_demo = _load_train_demo()
+PROMPT, SCORED = train_demo.EVAL_PROMPT, train_demo.EVAL_SCORED
 
 
 @pytest.fixture(scope="module")
 def windows() -> np.ndarray:
     assert (DEMO_DIR / "model.safetensors").exists(), "the demo weights are not shipped"
     _, val = train_demo.split_text()
-    n = (len(val) - 1) // (WINDOW + 1)
-    return np.stack([val[i * (WINDOW + 1) : (i + 1) * (WINDOW + 1)] for i in range(n)])
+    return train_demo.held_out_windows(val)
 
 
 def _training_forward_bits(rows: np.ndarray) -> float:
     graphdef, state = nnx.split(load_demo_model())
-    loss = jax.jit(lambda s, t: train_demo.next_token_loss(graphdef, s, jnp.asarray(t)))
-    nats = [float(loss(state, rows[i : i + 32])) * len(rows[i : i + 32]) for i in range(0, len(rows), 32)]
-    return sum(nats) / len(rows) / math.log(2)
+    nats = jax.jit(lambda s, r: train_demo.scored_nats(graphdef, s, jnp.asarray(r), SCORED))
+    total = sum(float(nats(state, rows[i : i + 32])) for i in range(0, len(rows), 32))
+    return total / (len(rows) * SCORED) / math.log(2)
 
 
 def _serving_bits(engine: Engine, rows: np.ndarray) -> float:
-    logprobs = engine.score_many([(row[:1].tolist(), row[1:].tolist()) for row in rows])
+    logprobs = engine.score_many([(row[:PROMPT].tolist(), row[PROMPT:].tolist()) for row in rows])
+    assert all(len(lp) == SCORED for lp in logprobs)
     return -float(np.mean(np.concatenate(logprobs))) / math.log(2)
 
 
 def _served_and_reference(rows: np.ndarray, prefill: str, decode: str, colocate: bool) -> tuple[float, float]:
-    with Engine(prefill_mesh=prefill, decode_mesh=decode, colocate=colocate, max_context=256, max_batch=16,
-                progress=False) as engine:
+    with Engine(prefill_mesh=prefill, decode_mesh=decode, colocate=colocate, max_context=PROMPT + SCORED,
+                max_batch=16, progress=False) as engine:
         served = _serving_bits(engine, rows)
         assert engine.stats()["pages_used"] == [0] * len(engine.stats()["pages_used"])
     return served, _training_forward_bits(rows)
@@ -71,6 +77,13 @@ def full_split(windows) -> tuple[float, float]:
 def test_full_split_through_serving_path_equals_training_forward(full_split):
     served, reference = full_split
     assert abs(served - reference) < 1e-3, full_split
+
+
+def test_shipped_model_is_the_one_measured_at_training_and_meets_the_bar(full_split):
+    served, _ = full_split
+    recorded = json.loads((DEMO_DIR / "training.json").read_text())["validation_bits_per_byte"]
+    assert abs(served - recorded) < 1e-3, (served, recorded)
+    assert served <= MAX_BITS_PER_BYTE, f"held-out {served:.4f} bits/byte through the serving path"
 
 
 @pytest.mark.parametrize(("prefill", "decode", "colocate"), [("2x1", "1x2", False), ("1x1", "1x1", True)])
