@@ -149,9 +149,22 @@ def percentiles(values: Sequence[float]) -> dict[str, float] | None:
             "p99": rank(99) * 1e3}
 
 
+def latencies(records: Sequence[Record]) -> dict[str, dict[str, float] | None]:
+    """TTFT, TPOT, inter-token and end-to-end latency percentiles of successful ``records``."""
+    return {
+        "ttft_ms": percentiles([r.ttft for r in records if r.ttft is not None]),
+        "tpot_ms": percentiles([r.tpot for r in records if r.tpot is not None]),
+        "itl_ms": percentiles([x for r in records for x in r.itls]),
+        "e2e_ms": percentiles([r.e2e for r in records]),
+    }
+
+
 def summarize(records: Sequence[Record], duration: float, slo_ttft_ms: float | None,
               slo_tpot_ms: float | None) -> dict:
+    """Throughput, latency percentiles (all requests, and short vs long prompts when the workload mixes
+    them: a long prompt's stream carries its KV hand-off, a short one shows what it does to the others)."""
     ok = [r for r in records if r.status == "OK"]
+    short, long = [r for r in ok if not r.long], [r for r in ok if r.long]
     output_tokens = sum(len(r.token_times) for r in ok)
 
     def meets(r: Record) -> bool:
@@ -168,10 +181,8 @@ def summarize(records: Sequence[Record], duration: float, slo_ttft_ms: float | N
         "request_throughput": len(ok) / duration,
         "output_token_throughput": output_tokens / duration,
         "total_token_throughput": (output_tokens + sum(r.prompt_tokens for r in ok)) / duration,
-        "ttft_ms": percentiles([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_ms": percentiles([r.tpot for r in ok if r.tpot is not None]),
-        "itl_ms": percentiles([x for r in ok for x in r.itls]),
-        "e2e_ms": percentiles([r.e2e for r in ok]),
+        **latencies(ok),
+        "by_prompt": {"short": latencies(short), "long": latencies(long)} if short and long else None,
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
         "goodput": sum(meets(r) for r in ok) / duration,
     }
@@ -281,13 +292,18 @@ def format_summary(s: dict) -> str:
         f"{'ms':>6} {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9}"
         + ("   server mean (server/client)" if "server_ms" in s else ""),
     ]
+    def row(label: str, p: dict[str, float]) -> str:
+        return f"{label:>6} {p['mean']:9.2f} {p['p50']:9.2f} {p['p90']:9.2f} {p['p99']:9.2f}"
+
     for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E")):
-        p = s.get(key)
-        if p:
-            row = f"{label:>6} {p['mean']:9.2f} {p['p50']:9.2f} {p['p90']:9.2f} {p['p99']:9.2f}"
+        if s.get(key):
+            line = row(label, s[key])
             if key in s.get("server_ms", {}):
-                row += f"   {s['server_ms'][key]:9.2f} ({s['server_over_client'][key]:.3f}x)"
-            lines.append(row)
+                line += f"   {s['server_ms'][key]:9.2f} ({s['server_over_client'][key]:.3f}x)"
+            lines.append(line)
+    for kind, part in (s.get("by_prompt") or {}).items():
+        if part["tpot_ms"]:
+            lines.append(row("TPOT", part["tpot_ms"]) + f"   {kind} prompts only")
     slo = s["slo"]
     if slo["ttft_ms"] is not None or slo["tpot_ms"] is not None:
         lines.append(f"goodput: {s['goodput']:.2f} req/s meeting TTFT <= {slo['ttft_ms']} ms, "

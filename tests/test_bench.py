@@ -64,6 +64,9 @@ def test_statistics_of_hand_built_records():
     assert s["tpot_ms"]["p50"] == pytest.approx(100) and s["tpot_ms"]["p99"] == pytest.approx(500)
     assert s["output_token_throughput"] == pytest.approx(2.5)
     assert s["goodput"] == pytest.approx(0.5)  # only `fast` meets both SLOs
+    assert s["by_prompt"]["short"]["tpot_ms"]["p99"] == pytest.approx(100)
+    assert s["by_prompt"]["long"]["tpot_ms"]["p99"] == pytest.approx(500)
+    assert summarize([fast], duration=1.0, slo_ttft_ms=None, slo_tpot_ms=None)["by_prompt"] is None
     assert percentiles([]) is None
 
 

@@ -120,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| long share | rate (req/s) | set-up | p99 TPOT (ms) | mean TPOT (ms) | p99 TTFT (ms) | "
-            "goodput (req/s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| long share | rate (req/s) | set-up | TPOT mean / p90 / p99 (ms) | short prompts' TPOT p99 "
+            "(ms) | TTFT mean / p99 (ms) | goodput (req/s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(results, key=lambda r: (r["long_fraction"], r["rate"], r["setup"])):
         tpot, ttft = r["tpot_ms"] or {}, r["ttft_ms"] or {}
-        rows.append(f"| {r['long_fraction']} | {r['rate']} | {r['setup']} | {tpot.get('p99', 0):.1f} | "
-                    f"{tpot.get('mean', 0):.1f} | {ttft.get('p99', 0):.0f} | {r['goodput']:.2f} |")
+        short = ((r.get("by_prompt") or {}).get("short") or {}).get("tpot_ms") or {}
+        rows.append(f"| {r['long_fraction']} | {r['rate']:g} | {r['setup']} | {tpot.get('mean', 0):.1f} / "
+                    f"{tpot.get('p90', 0):.1f} / {tpot.get('p99', 0):.1f} | {short.get('p99', 0):.1f} | "
+                    f"{ttft.get('mean', 0):.0f} / {ttft.get('p99', 0):.0f} | {r['goodput']:.2f} |")
     return "\n".join(rows)
 
 
