@@ -91,3 +91,14 @@ def test_other_layouts_give_the_same_bits_per_byte(windows, prefill, decode, col
     rows = windows[:: len(windows) // 48][:48]
     served, reference = _served_and_reference(rows, prefill, decode, colocate)
     assert abs(served - reference) < 1e-3, (served, reference)
+
+
+def test_training_loss_is_the_served_models_forward_when_dropout_is_off():
+    """``tools/train_demo.py`` rebuilds the forward to put dropout in; at rate 0 it must be the model's."""
+    graphdef, state = nnx.split(load_demo_model())
+    tokens = jnp.asarray(train_demo.split_text()[0][:66].reshape(2, 33))
+    served = train_demo.token_losses(graphdef, state, tokens).mean()
+    trained = train_demo.dropout_loss(graphdef, state, tokens, 0.0, jax.random.key(0))
+    assert abs(float(served) - float(trained)) < 1e-6
+    dropped = train_demo.dropout_loss(graphdef, state, tokens, 0.5, jax.random.key(0))
+    assert abs(float(dropped) - float(served)) > 1e-3  # dropout is really applied when asked for

@@ -43,19 +43,18 @@ def split_text(path: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
     return data[:cut], data[cut:]
 
 
-def next_token_loss(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
-    """Mean cross-entropy (nats/byte) of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
+def token_losses(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
+    """Cross-entropy (nats) of predicting each of ``tokens[:, 1:]`` from the tokens before it."""
     model = nnx.merge(graphdef, state)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    logits = model(inputs, positions)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(model(inputs, positions), targets)
 
 
 def dropout_loss(
     graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, rate: float, key: jax.Array
 ) -> jax.Array:
-    """``next_token_loss`` with dropout on the embeddings and on each residual branch (training only).
+    """Mean ``token_losses`` with dropout on the embeddings and on each residual branch (training only).
 
     Built from the model's own blocks, so the served model carries no training-only code; at ``rate`` 0 it
     is exactly the model's forward."""
@@ -94,11 +93,7 @@ def held_out_windows(data: np.ndarray, prompt: int = EVAL_PROMPT, scored: int = 
 
 def scored_nats(graphdef: nnx.GraphDef, state: nnx.State, rows: jax.Array, scored: int) -> jax.Array:
     """Summed cross-entropy (nats) of the last ``scored`` bytes of each row, given everything before them."""
-    model = nnx.merge(graphdef, state)
-    inputs, targets = rows[:, :-1], rows[:, 1:]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    losses = optax.softmax_cross_entropy_with_integer_labels(model(inputs, positions), targets)
-    return losses[:, -scored:].sum()
+    return token_losses(graphdef, state, rows)[:, -scored:].sum()
 
 
 def held_out_loss(graphdef: nnx.GraphDef, state: nnx.State, data: np.ndarray) -> float:
