@@ -132,9 +132,9 @@ def _build_parser() -> argparse.ArgumentParser:
                              "(default: the role's TP)")
     worker.add_argument("--cpus", metavar="LIST", default=None,
                         help="pin this process to CPU cores, e.g. 0-3")
-    worker.add_argument("--offer-timeout", type=float, default=60.0,
+    worker.add_argument("--offer-timeout", type=float, default=None,
                         help="seconds a prefill worker keeps KV offered that no decode worker pulls "
-                             "(default: %(default)s)")
+                             "(default: the front's, 60 s unless it was started with another)")
     worker.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(run=_worker)

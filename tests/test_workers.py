@@ -23,6 +23,7 @@ import pytest
 from jdisagg.engine import Engine
 from jdisagg.meshes import parse_mesh_spec
 from jdisagg.models.demo import DEMO_CONFIG
+from jdisagg.outputs import FinishReason
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.serving.client import make_request
 from jdisagg.serving.server import GenerationServer
@@ -291,3 +292,27 @@ def test_launch_processes_serves_and_sigterm_stops_its_workers(tmp_path):
     finally:
         if front.poll() is None:
             front.kill()
+
+
+def test_kv_that_never_arrives_fails_its_request_and_frees_its_pages(tmp_path):
+    """A prefill worker that drops offered KV before anyone pulls it (here: at once) stands for KV that
+    never arrives: the pull's deadline ends the request with UNAVAILABLE, its reserved pages go back, the
+    failure is counted, and no request hangs."""
+    front = Front(None, parse_mesh_spec("1x1"), parse_mesh_spec("1x1"), SIZES, pull_timeout_s=3.0,
+                  rpc_timeout_s=30.0, offer_timeout_s=1e-3)
+    children = spawn_workers(front, devices_per_worker=1, log_dir=tmp_path)
+    try:
+        front.wait_until_full(timeout_s=600.0, children=children)
+        started = time.monotonic()
+        outputs = front.engine.generate(PROMPTS[:2], GREEDY)
+        assert time.monotonic() - started < 60
+        for output in outputs:
+            assert output.finish_reason == FinishReason.ERROR and output.error_code == "UNAVAILABLE", output
+            assert "KV hand-off failed" in output.error
+            assert len(output.token_ids) <= 1  # at most the first token, which prefill produced
+        assert _pages_used(front) == [0]
+        assert front.engine.metrics.transfer_failures._value.get() == 2
+        assert all(slot.alive for slot in front.slots)  # a lost hand-off is not a lost worker
+    finally:
+        front.shutdown(drain=False, timeout=5.0)
+        stop_workers(children)

@@ -17,7 +17,7 @@ class SettingsRequest(_message.Message):
     def __init__(self, role: _Optional[str] = ...) -> None: ...
 
 class Settings(_message.Message):
-    __slots__ = ("model", "page_size", "num_pages", "max_context", "max_batch", "attention_backend", "tp")
+    __slots__ = ("model", "page_size", "num_pages", "max_context", "max_batch", "attention_backend", "tp", "offer_timeout_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class Settings(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
+    OFFER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     page_size: int
     num_pages: int
@@ -32,7 +33,8 @@ class Settings(_message.Message):
     max_batch: int
     attention_backend: str
     tp: int
-    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., attention_backend: _Optional[str] = ..., tp: _Optional[int] = ...) -> None: ...
+    offer_timeout_s: float
+    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., attention_backend: _Optional[str] = ..., tp: _Optional[int] = ..., offer_timeout_s: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("role", "address", "fingerprint", "device", "pid")

@@ -141,6 +141,7 @@ class Front:
         return wpb.Settings(
             model=self.model or "", page_size=s.page_size, num_pages=s.num_pages, max_context=s.max_context,
             max_batch=s.max_batch, attention_backend=self.attention_backend or "", tp=self.specs[role].tp,
+            offer_timeout_s=self.offer_timeout_s,
         )
 
     @property

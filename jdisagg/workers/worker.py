@@ -42,7 +42,7 @@ class WorkerOptions:
     model: str | None  # None: the model the front names
     devices: int | None  # CPU only: virtual devices to split the host into (default: the role's tp)
     cpus: str | None  # CPU cores to pin this process to, e.g. "0-3" or "0,2"
-    offer_timeout: float
+    offer_timeout: float | None  # None: the front's
     progress: bool
     exit_with_parent: bool
 
@@ -219,7 +219,8 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     mesh = Mesh(np.array(devices[: settings.tp]), (TP_AXIS,))
     if opts.role == "prefill":
         replica = build_prefill_replica(0, mesh, graphdef, state, sizes)
-        service = WorkerService("prefill", replica, sender=KVSender(opts.host, opts.offer_timeout))
+        sender = KVSender(opts.host, opts.offer_timeout or settings.offer_timeout_s)
+        service = WorkerService("prefill", replica, sender=sender)
     else:
         replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None)
         expected = ExpectedKV(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
