@@ -49,9 +49,7 @@ def windows() -> np.ndarray:
 
 def _training_forward_bits(rows: np.ndarray) -> float:
     graphdef, state = nnx.split(load_demo_model())
-    nats = jax.jit(lambda s, r: train_demo.scored_nats(graphdef, s, jnp.asarray(r), SCORED))
-    total = sum(float(nats(state, rows[i : i + 32])) for i in range(0, len(rows), 32))
-    return total / (len(rows) * SCORED) / math.log(2)
+    return train_demo.held_out_loss(graphdef, state, rows) / math.log(2)
 
 
 def _serving_bits(engine: Engine, rows: np.ndarray) -> float:

@@ -43,12 +43,17 @@ def split_text(path: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
     return data[:cut], data[cut:]
 
 
+def _next_token_task(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(inputs, their positions, targets): predict ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    return inputs, jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape), targets
+
+
 def token_losses(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
     """Cross-entropy (nats) of predicting each of ``tokens[:, 1:]`` from the tokens before it."""
-    model = nnx.merge(graphdef, state)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    return optax.softmax_cross_entropy_with_integer_labels(model(inputs, positions), targets)
+    inputs, positions, targets = _next_token_task(tokens)
+    logits = nnx.merge(graphdef, state)(inputs, positions)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
 def dropout_loss(
@@ -62,11 +67,12 @@ def dropout_loss(
     from jdisagg.models.rope import inverse_frequencies
 
     model = nnx.merge(graphdef, state)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+    inputs, positions, targets = _next_token_task(tokens)
     keys = iter(jax.random.split(key, 1 + 2 * len(model.layers)))
 
     def drop(x: jax.Array) -> jax.Array:
+        if rate == 0.0:  # a Python float: no mask is drawn at all
+            return x
         keep = jax.random.bernoulli(next(keys), 1.0 - rate, x.shape)
         return jnp.where(keep, x / (1.0 - rate), 0.0)
 
@@ -96,9 +102,8 @@ def scored_nats(graphdef: nnx.GraphDef, state: nnx.State, rows: jax.Array, score
     return token_losses(graphdef, state, rows)[:, -scored:].sum()
 
 
-def held_out_loss(graphdef: nnx.GraphDef, state: nnx.State, data: np.ndarray) -> float:
-    """Mean nats/byte of ``data`` over ``held_out_windows`` (the training forward; no serving code)."""
-    rows = held_out_windows(data)
+def held_out_loss(graphdef: nnx.GraphDef, state: nnx.State, rows: np.ndarray) -> float:
+    """Mean nats per scored byte of ``held_out_windows`` rows (the training forward; no serving code)."""
     nats = jax.jit(lambda s, r: scored_nats(graphdef, s, r, EVAL_SCORED))
     total = sum(float(nats(state, rows[i : i + 32])) for i in range(0, len(rows), 32))
     return total / (len(rows) * EVAL_SCORED)
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     train, val = split_text()
+    val_rows = held_out_windows(val)
     rng = np.random.default_rng(args.seed)
     start_model = (load_hf_model(args.init, param_dtype=jnp.float32, progress=False) if args.init
                    else init_model(DEMO_CONFIG, seed=args.seed))
@@ -153,15 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         state, opt_state, loss = step(state, opt_state, tokens, jax.random.fold_in(key, i))
         smoothed = 0.95 * smoothed + 0.05 * float(loss)
         if args.eval_every and (i + 1) % args.eval_every == 0:
-            curve.append((i + 1, round(held_out_loss(graphdef, state, val), 4)))
+            curve.append((i + 1, round(held_out_loss(graphdef, state, val_rows), 4)))
         bar.set_postfix(loss=f"{smoothed:.3f}", val=f"{curve[-1][1]:.3f}" if curve else "-")
     train_seconds = time.perf_counter() - start  # held-out evaluations included
 
     # Ship bf16 (half the bytes); the engine loads the demo back as float32, as the evaluation below does.
     save_hf_safetensors(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)), args.out)
     saved = nnx.split(load_hf_model(args.out, param_dtype=jnp.float32, progress=False))[1]
-    val_loss = held_out_loss(graphdef, saved, val)
-    train_loss = held_out_loss(graphdef, saved, train[: len(val)])
+    val_loss = held_out_loss(graphdef, saved, val_rows)
+    train_loss = held_out_loss(graphdef, saved, held_out_windows(train[: len(val)]))
     report = {
         "command": "python tools/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "train_seconds": round(train_seconds, 1),
