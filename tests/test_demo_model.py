@@ -43,8 +43,7 @@ PROMPT, SCORED = train_demo.EVAL_PROMPT, train_demo.EVAL_SCORED
 @pytest.fixture(scope="module")
 def windows() -> np.ndarray:
     assert (DEMO_DIR / "model.safetensors").exists(), "the demo weights are not shipped"
-    _, val = train_demo.split_text()
-    return train_demo.held_out_windows(val)
+    return train_demo.held_out_windows(train_demo.split_text().validation)
 
 
 def _training_forward_bits(rows: np.ndarray) -> float:
@@ -94,9 +93,29 @@ def test_other_layouts_give_the_same_bits_per_byte(windows, prefill, decode, col
 def test_training_loss_is_the_served_models_forward_when_dropout_is_off():
     """``tools/train_demo.py`` rebuilds the forward to put dropout in; at rate 0 it must be the model's."""
     graphdef, state = nnx.split(load_demo_model())
-    tokens = jnp.asarray(train_demo.split_text()[0][:66].reshape(2, 33))
+    tokens = jnp.asarray(train_demo.split_text().train[:66].reshape(2, 33))
     served = train_demo.token_losses(graphdef, state, tokens).mean()
     trained = train_demo.dropout_loss(graphdef, state, tokens, 0.0, jax.random.key(0))
     assert abs(float(served) - float(trained)) < 1e-6
     dropped = train_demo.dropout_loss(graphdef, state, tokens, 0.5, jax.random.key(0))
     assert abs(float(dropped) - float(served)) > 1e-3  # dropout is really applied when asked for
+
+
+def test_fitted_temperature_minimises_the_loss_and_folds_into_the_head_exactly():
+    """The calibration step of ``tools/train_demo.py``: the fitted temperature is the loss minimum, and
+    dividing the LM head by T divides the logits by T (so softening a model by 1.25 divides its fitted T by
+    1.25)."""
+    graphdef, state = nnx.split(load_demo_model())
+    rows = train_demo.held_out_windows(train_demo.split_text().calibration)[:24]
+    head_before = np.asarray(state["lm_head"]["kernel"][...])
+
+    def loss_at(temperature: float) -> float:
+        scaled = train_demo.with_temperature(graphdef, state, temperature)
+        return train_demo.held_out_loss(graphdef, scaled, rows)
+
+    fitted = train_demo.fit_temperature(graphdef, state, rows)
+    assert loss_at(0.9 * fitted) > loss_at(fitted) < loss_at(1.1 * fitted)
+    softened = train_demo.with_temperature(graphdef, state, 1.25)
+    assert abs(train_demo.fit_temperature(graphdef, softened, rows) - fitted / 1.25) < 1e-3
+    np.testing.assert_array_equal(np.asarray(state["lm_head"]["kernel"][...]), head_before)  # a copy
+
