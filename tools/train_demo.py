@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     save_hf_safetensors(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)), args.out)
     saved = nnx.split(load_hf_model(args.out, param_dtype=jnp.float32, progress=False))[1]
     val_loss = held_out_loss(graphdef, saved, val_rows)
+    untempered = with_temperature(graphdef, saved, 1 / temperature)  # for the record, not for choosing
+    untempered_val_loss = held_out_loss(graphdef, untempered, val_rows)
     train_loss = held_out_loss(graphdef, saved, held_out_windows(text.train[: len(text.validation)]))
     report = {
         "command": "python tools/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_loss_nats": round(train_loss, 4),
         "validation_loss_nats": round(val_loss, 4),
         "validation_bits_per_byte": round(val_loss / math.log(2), 4),
+        "validation_loss_without_temperature_nats": round(untempered_val_loss, 4),
         "note": "losses measured on the saved bf16 weights; train loss on the first 5% of the training text",
     }
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
