@@ -120,7 +120,6 @@ def test_fitted_temperature_minimises_the_loss_and_folds_into_the_head_exactly()
     np.testing.assert_array_equal(np.asarray(state["lm_head"]["kernel"][...]), head_before)  # a copy
 
 
-
 def test_shipped_model_carries_its_calibration():
     """The shipped head already includes the temperature fitted on the calibration slice (never trained on,
     disjoint from validation), so fitting again on that slice finds nothing left to correct."""
