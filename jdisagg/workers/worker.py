@@ -219,7 +219,8 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     mesh = Mesh(np.array(devices[: settings.tp]), (TP_AXIS,))
     if opts.role == "prefill":
         replica = build_prefill_replica(0, mesh, graphdef, state, sizes)
-        sender = KVSender(opts.host, opts.offer_timeout or settings.offer_timeout_s)
+        offer_timeout = settings.offer_timeout_s if opts.offer_timeout is None else opts.offer_timeout
+        sender = KVSender(opts.host, offer_timeout)
         service = WorkerService("prefill", replica, sender=sender)
     else:
         replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None)
