@@ -208,10 +208,7 @@ def test_sigkilled_worker_ends_or_reroutes_its_requests_and_a_restarted_one_rejo
             while front.engine.metrics.generation_tokens._value.get() < 40 and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.kill(victim.pid, signal.SIGKILL)
-            started = time.monotonic()
-            outcomes = [f.result(timeout=120) for f in futures]
-            ended_within = time.monotonic() - started
-        assert ended_within < 120
+            outcomes = [f.result(timeout=120) for f in futures]  # a stream that hangs raises here
         codes = {code for code, _ in outcomes}
         assert codes <= {"ok", "UNAVAILABLE"}, outcomes
         if role == "decode":
