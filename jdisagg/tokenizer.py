@@ -1,23 +1,34 @@
 """Text <-> token ids: the demo model's byte tokenizer, HF ``tokenizer.json`` files, streaming decode.
 
-The engine streams text while tokens are generated, so ``IncrementalDetokenizer`` turns each step's new
-ids into a text delta that never splits a UTF-8 character (byte-level vocabularies emit a character's
-bytes as separate tokens) and costs O(new tokens), not O(sequence), per step.
+The engine streams text while tokens are generated, so each tokenizer also hands out a ``TextStream``
+that turns each step's new ids into a text delta that never splits a UTF-8 character (byte-level
+vocabularies emit a character's bytes as separate tokens) and costs O(new tokens), not O(sequence), per
+step. Both jobs are done natively: Python's incremental UTF-8 decoder for bytes, ``tokenizers``'
+``DecodeStream`` (which also keeps the context that space-prefix decoders need) for HF tokenizers.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import tokenizers
+from tokenizers.decoders import DecodeStream
 
-REPLACEMENT = "\ufffd"
-# A UTF-8 character is at most 4 bytes, so at most 4 byte tokens can be an unfinished character; a
-# longer tail ending in U+FFFD is genuinely invalid bytes and is released as is.
-_MAX_HELD_TOKENS = 4
+
+class TextStream(Protocol):
+    """The text of one growing token sequence, one delta per ``add``."""
+
+    def add(self, token_ids: Iterable[int]) -> str:
+        """Append tokens; return the newly completed text (possibly empty: an unfinished character)."""
+        ...
+
+    def flush(self) -> str:
+        """Everything still held back, at the sequence's end (an unfinished character shows as U+FFFD)."""
+        ...
 
 
 class Tokenizer(Protocol):
@@ -36,6 +47,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def decode_stream(self) -> TextStream:
+        """A fresh ``TextStream`` for one sequence."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, no special tokens: the built-in demo model's vocabulary."""
@@ -49,6 +64,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_stream(self) -> TextStream:
+        return _Utf8Stream()
 
 
 class HFTokenizer:
@@ -77,7 +95,10 @@ class HFTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
             raise ValueError(f"no tokenizer.json at {str(path)!r}")
-        tokenizer = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as exc:  # the tokenizers library raises bare Exception for a malformed file
+            raise ValueError(f"{str(file)!r} is not a readable tokenizer.json: {exc}") from exc
         directory = file.parent
         tokenizer_config = _read_json(directory / "tokenizer_config.json")
         model_configs = [_read_json(directory / name) for name in ("generation_config.json", "config.json")]
@@ -100,6 +121,9 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def decode_stream(self) -> TextStream:
+        return _HFStream(self.tokenizer)
+
 
 def load_tokenizer(model_dir: str | Path | None) -> Tokenizer:
     """The tokenizer for a model directory: its ``tokenizer.json``, else bytes for a 256-token vocabulary.
@@ -116,62 +140,66 @@ def load_tokenizer(model_dir: str | Path | None) -> Tokenizer:
     if vocab_size != ByteTokenizer.vocab_size:
         raise ValueError(
             f"{str(directory)!r} has no tokenizer.json and its vocab_size={vocab_size} is not byte-level "
-            "(256); pass a tokenizer explicitly"
+            "(256); pass one: `--tokenizer PATH` (a tokenizer.json or its directory) on the command line, "
+            "Engine(..., tokenizer=HFTokenizer.from_file(PATH)) in Python"
         )
     return ByteTokenizer()
 
 
 class IncrementalDetokenizer:
-    """Streams the text of a growing token sequence, one delta per ``add``.
-
-    Decoding ids one by one is wrong (a character's bytes can span tokens; some decoders strip a leading
-    space at the start of what they decode) and decoding everything each step is quadratic. So each step
-    decodes a window: the previous step's tokens (the *prefix*, for context) plus the new ones, and emits
-    the part of the window's text beyond the prefix's text. When that text ends in U+FFFD, the last (up
-    to 4) tokens are an unfinished character: the text before them is emitted and they are held back
-    until the next tokens complete them (or ``flush``).
-    """
+    """The engine's text stream of one request: whichever ``TextStream`` its tokenizer streams with."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # window start: first token of the last emitted chunk
-        self._read = 0  # tokens before this are emitted
+        self._stream = tokenizer.decode_stream()
 
     def add(self, token_ids: Iterable[int]) -> str:
-        """Append tokens; return the newly completed text (possibly empty)."""
-        start = len(self._ids)
-        self._ids.extend(token_ids)
-        total = len(self._ids)
-        if total == start:
-            return ""
-        prefix_text = self._decode(self._read)
-        full_text = self._decode(total)
-        if not full_text.endswith(REPLACEMENT):
-            return self._advance(prefix_text, full_text, total)
-        for end in range(total - 1, max(self._read, total - _MAX_HELD_TOKENS - 1), -1):
-            text = self._decode(end)
-            if not text.endswith(REPLACEMENT):
-                return self._advance(prefix_text, text, end)
-        if total - self._read > _MAX_HELD_TOKENS:  # too long to be one character: invalid bytes
-            return self._advance(prefix_text, full_text, total)
-        return ""
+        return self._stream.add(token_ids)
 
     def flush(self) -> str:
-        """Everything still held back (an unfinished character shows as U+FFFD)."""
-        total = len(self._ids)
-        if self._read == total:
+        return self._stream.flush()
+
+
+class _Utf8Stream:
+    """Byte tokens: UTF-8's own incremental decoder holds back an unfinished character, and replaces a
+    byte that can never start or continue one at once."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_ids: Iterable[int]) -> str:
+        return self._decoder.decode(bytes(token_ids))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class _HFStream:
+    """``DecodeStream`` returns None while the tokens so far end in an unfinished character; it cannot be
+    told that the sequence ended, so the tokens it holds are remembered here for ``flush``."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []
+
+    def add(self, token_ids: Iterable[int]) -> str:
+        chunks = []
+        for token_id in token_ids:
+            chunk = self._stream.step(self._tokenizer, token_id)
+            if chunk is None:
+                self._held.append(token_id)
+            else:
+                self._held.clear()
+                chunks.append(chunk)
+        return "".join(chunks)
+
+    def flush(self) -> str:
+        if not self._held:
             return ""
-        return self._advance(self._decode(self._read), self._decode(total), total)
-
-    def _decode(self, end: int) -> str:
-        """The text of the window: tokens from the prefix start up to ``end``."""
-        return self.tokenizer.decode(self._ids[self._prefix:end])
-
-    def _advance(self, prefix_text: str, text: str, end: int) -> str:
-        """Emit the window's text up to token ``end``; those tokens become the next prefix."""
-        self._prefix, self._read = self._read, end
-        return text[len(prefix_text):]
+        text = self._tokenizer.decode(self._held, skip_special_tokens=True)
+        self._held.clear()
+        self._stream = DecodeStream(skip_special_tokens=True)  # what it held is out now
+        return text
 
 
 def _read_json(path: Path) -> dict[str, Any]:
