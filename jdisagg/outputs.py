@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+TopLogprobs = list[tuple[int, float]]
+
 
 class FinishReason(StrEnum):
     STOP = "stop"  # eos, a stop token id or a stop string
@@ -22,6 +24,8 @@ class StreamChunk:
     text: str
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: list[float] = field(default_factory=list)  # of each token in ``token_ids``
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when the request asked
 
 
 @dataclass
@@ -64,3 +68,5 @@ class Output:
     error: str | None = None
     logprobs: list[float] = field(default_factory=list)  # model log-probability of each output token
     error_code: str | None = None  # with ERROR: "UNAVAILABLE" (a worker was lost, retry) or "INTERNAL"
+    # per output token, the ``SamplingParams.logprobs`` most likely (token id, logprob), most likely first
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
+from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk, TopLogprobs
 from jdisagg.replicas import SamplingRow
 from jdisagg.sampling_params import SamplingParams
 
@@ -30,6 +30,7 @@ class Request:
     forced_ids: list[int] = field(default_factory=list)  # a continuation to score instead of sampling
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # only when ``params.logprobs > 0``
     cancel: FinishReason | None = None
     error_code: str = "INTERNAL"  # the gRPC status a failure maps to (UNAVAILABLE: a worker was lost)
 

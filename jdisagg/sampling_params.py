@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's bound)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -22,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int = 0  # also return this many most likely alternatives of every output token (0..20)
 
     def validate(self, vocab_size: int) -> None:
         """Raise one ``ValueError`` naming the first bad field."""
@@ -37,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {TOP_LOGPROBS}], got {self.logprobs!r}")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
