@@ -129,7 +129,6 @@ def _sampling_params(
     """Left-out knobs take the model's defaults; no ``max_tokens`` means "up to the context's end"."""
     if max_tokens is None:
         max_tokens = max(1, engine.max_context - len(prompt))  # a too-long prompt is the engine's error
-    extra = {"logprobs": num_top} if num_top else {}
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -139,7 +138,7 @@ def _sampling_params(
         stop=body.stop_strings,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
-        **extra,
+        logprobs=num_top or 0,
     )
 
 

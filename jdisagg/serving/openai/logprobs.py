@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jdisagg.tokenizer import REPLACEMENT, ByteTokenizer, Tokenizer
+from jdisagg.tokenizer import ByteTokenizer, Tokenizer
 
+REPLACEMENT = "\ufffd"  # what a partial UTF-8 character decodes to
 Alternatives = Sequence[tuple[int, float]]  # (token id, logprob), most likely first
 
 

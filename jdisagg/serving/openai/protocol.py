@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jdisagg.sampling import TOP_LOGPROBS
+from jdisagg.sampling_params import TOP_LOGPROBS
 
 
 class APIError(Exception):
