@@ -1,4 +1,8 @@
-"""``jdisagg bench``: a gRPC load generator that measures a running server the way serving engineers do.
+"""``jdisagg bench``: a load generator that measures a running server the way serving engineers do.
+
+It speaks gRPC (``--backend grpc``, jdisagg's own API) or the OpenAI-compatible HTTP API (``--backend
+openai``: streamed ``/v1/completions``), with the same workloads and numbers, so the two fronts of one server
+can be compared.
 
 Arrivals are Poisson (``--burstiness 1``) or gamma (< 1 burstier, > 1 smoother) at ``--rate`` requests/s,
 or a fixed ``--concurrency``. Lengths are fixed (``32``) or uniform (``16:64``), with an optional share of
@@ -19,9 +23,11 @@ import random
 import statistics
 import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import grpc
@@ -136,6 +142,44 @@ def send(stub: pb_grpc.GenerationStub, request: BenchRequest, timeout: float) ->
     return record
 
 
+def send_openai(base_url: str, model: str, request: BenchRequest, timeout: float) -> Record:
+    """One streamed ``/v1/completions`` request; tokens are counted from each chunk's ``token_ids``.
+
+    Greedy, as the gRPC backend's requests are (the server's gRPC default; OpenAI's default samples).
+    """
+    body = {"model": model, "prompt": request.prompt_ids, "max_tokens": request.max_tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+    http_request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
+                                          headers={"Content-Type": "application/json"})
+    record = Record(time.perf_counter(), request.long, len(request.prompt_ids))
+    try:
+        with urllib.request.urlopen(http_request, timeout=timeout) as response:
+            for line in response:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                event = json.loads(line[len(b"data: "):])
+                if "error" in event:
+                    record.status = event["error"].get("type") or "ERROR"
+                    break
+                now = time.perf_counter()
+                record.token_times += [now] * sum(len(c.get("token_ids", ())) for c in event["choices"])
+    except urllib.error.HTTPError as exc:
+        record.status = f"HTTP_{exc.code}"
+    except OSError as exc:  # refused, reset, timed out
+        record.status = type(exc).__name__
+    record.done = time.perf_counter()
+    return record
+
+
+def served_model(base_url: str, timeout: float = 10.0) -> str:
+    """The model id an OpenAI-compatible server lists first."""
+    with urllib.request.urlopen(f"{base_url}/v1/models", timeout=timeout) as response:
+        models = json.loads(response.read())["data"]
+    if not models:
+        raise OSError(f"{base_url}/v1/models lists no model")
+    return models[0]["id"]
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float] | None:
     """mean/p50/p90/p99 in milliseconds (nearest-rank percentiles), or None without values."""
     if not values:
@@ -225,23 +269,37 @@ class BenchOptions:
     metrics_url: str | None = None
     timeout_s: float = 600.0
     progress: bool = True
+    backend: str = "grpc"  # or "openai": the HTTP API at base_url
+    base_url: str = "http://127.0.0.1:8000"
+
+
+@contextmanager
+def _sender(opts: BenchOptions) -> Iterator[Callable[[BenchRequest], Record]]:
+    """How one request is sent and timed, for the chosen backend."""
+    if opts.backend == "openai":
+        base_url = opts.base_url.rstrip("/").removesuffix("/v1")
+        model = served_model(base_url)
+        yield lambda request: send_openai(base_url, model, request, opts.timeout_s)
+        return
+    with grpc.insecure_channel(opts.server) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        yield lambda request: send(stub, request, opts.timeout_s)
 
 
 def run_bench(opts: BenchOptions) -> dict:
     """Run warm-up, then the measured requests; returns the summary (JSON-ready)."""
     requests = make_requests(opts.workload, opts.warmup + opts.num_requests, opts.seed)
     warmup, measured = requests[: opts.warmup], requests[opts.warmup :]
-    with grpc.insecure_channel(opts.server) as channel:
-        stub = pb_grpc.GenerationStub(channel)
+    with _sender(opts) as send_one:
         for request in warmup:
-            send(stub, request, opts.timeout_s)
+            send_one(request)
         before = scrape(opts.metrics_url) if opts.metrics_url else {}
         bar = tqdm(total=len(measured), desc="bench", unit="req", disable=not opts.progress)
         records: list[Record] = []
         lock = threading.Lock()
 
         def one(request: BenchRequest) -> None:
-            record = send(stub, request, opts.timeout_s)
+            record = send_one(request)
             with lock:
                 records.append(record)
             bar.update()
