@@ -70,6 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
             "Generation over gRPC (with health and reflection) until SIGTERM/SIGINT, then drain. Without an "
             "accelerator the host CPU is split into 8 virtual devices."))
     _add_layout_flags(launch)
+    launch.add_argument("--tokenizer", metavar="PATH", default=None,
+                        help="a tokenizer.json, or a directory holding one, for a checkpoint that has none "
+                             "(default: the one in --model; bytes for a 256-token vocabulary)")
+    launch.add_argument("--served-model-name", metavar="NAME", default=None,
+                        help="the model_name label on every metric (default: the --model directory's name, "
+                             "demo for the built-in model)")
     launch.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     launch.add_argument("--port", type=_port, default=50051,
                         help="gRPC port; 0 picks a free one (default: %(default)s)")
@@ -127,6 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=_port, default=0, help="worker API port (default: a free one)")
     worker.add_argument("--model", metavar="DIR", default=None,
                         help="checkpoint directory if it lies elsewhere on this host (default: the front's)")
+    worker.add_argument("--tokenizer", metavar="PATH", default=None,
+                        help="a tokenizer.json, or a directory holding one, for a checkpoint that has none")
     worker.add_argument("--devices", type=_positive, default=None,
                         help="CPU only: split the host into this many virtual devices "
                              "(default: the role's TP)")
@@ -288,9 +296,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from jdisagg.serving.devices import choose_meshes, describe_devices, request_host_devices
+    from jdisagg.serving.devices import (
+        choose_meshes,
+        describe_devices,
+        host_devices_for,
+        request_host_devices,
+    )
 
-    request_host_devices()
+    request_host_devices(host_devices_for(args.prefill_mesh, args.decode_mesh, args.colocate))
     import jax
 
     from jdisagg.meshes import build_layout

@@ -42,7 +42,7 @@ from jdisagg.compile_counter import compile_count
 from jdisagg.errors import EngineClosedError, QueueFullError, WorkerUnavailableError
 from jdisagg.kv_cache import OutOfPages, pages_needed
 from jdisagg.meshes import Layout, build_layout, check_fits
-from jdisagg.metrics import EngineMetrics
+from jdisagg.metrics import EngineMetrics, model_name_of
 from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
 from jdisagg.replicas import (
     DecodeReplica,
@@ -53,6 +53,7 @@ from jdisagg.replicas import (
 )
 from jdisagg.requests import Request, RequestStream
 from jdisagg.sampling_params import SamplingParams
+from jdisagg.serving.devices import devices_needed, provide_cpu_devices
 from jdisagg.sizes import ServingSizes, plan_sizes
 from jdisagg.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -128,6 +129,10 @@ class Engine:
         max_context: longest sequence (prompt + output), a multiple of ``page_size``.
         max_queue: waiting requests before ``submit`` raises ``QueueFullError``.
         attention_backend: paged-attention backend for ``jdisagg.kernels`` (None: by platform).
+        served_model_name: the metrics' ``model_name`` label (default: the checkpoint directory's name,
+            ``demo`` for the built-in model).
+        devices: the devices to lay the meshes on (default: all visible; on a CPU-only host, when JAX has
+            not started yet, the CPU is split into as many virtual devices as the meshes need).
     """
 
     def __init__(
@@ -146,8 +151,12 @@ class Engine:
         attention_backend: str | None = None,
         progress: bool = True,
         devices: Sequence[jax.Device] | None = None,
+        served_model_name: str | None = None,
     ) -> None:
+        if devices is None:
+            provide_cpu_devices(devices_needed(prefill_mesh, decode_mesh, colocate))
         self.layout: Layout = build_layout(prefill_mesh, decode_mesh, colocate=colocate, devices=devices)
+        self.model_name = served_model_name or model_name_of(model)
         module, self.tokenizer = load_model(model, tokenizer)
         self.config = config = module.config
         for phase in (self.layout.prefill, self.layout.decode):
@@ -190,6 +199,7 @@ class Engine:
         sizes: ServingSizes,
         max_queue: int = 256,
         progress: bool = True,
+        served_model_name: str | None = None,
     ) -> Engine:
         """An engine over replicas built elsewhere, e.g. proxies of worker processes (``jdisagg.workers``).
 
@@ -199,6 +209,7 @@ class Engine:
         """
         engine = cls.__new__(cls)
         engine.config, engine.tokenizer = config, tokenizer
+        engine.model_name = served_model_name or "unnamed"
         engine.page_size, engine.max_context = sizes.page_size, sizes.max_context
         engine.max_batch, engine.max_queue = sizes.max_batch, max_queue
         engine._start(list(prefill), list(decode), progress)
@@ -207,8 +218,7 @@ class Engine:
     def _start(self, prefill: list[Any], decode: list[Any], progress: bool) -> None:
         """Compile every program, then start the stage threads."""
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
-        self.metrics = EngineMetrics()
-        self.metrics.compilations.set_function(compile_count)
+        self.metrics = EngineMetrics(self.model_name, compile_count)
         self._prefill, self._decode = prefill, decode
         self._compile_all(progress)
         self.warm_compile_count = compile_count()

@@ -1,12 +1,22 @@
 """Prometheus metrics of one engine, in their own registry so several engines (tests) never collide.
 
 Names follow the conventions serving engineers already scrape from vLLM-style servers: seconds for
-latencies, ``_total`` for counters, labels for the stage and the decode replica.
+latencies, ``_total`` for counters, labels for the stage and the decode replica, and a ``model_name`` label
+on every series so several servers can feed one Prometheus and still be told apart.
+
+Each attribute is already bound to this engine's ``model_name``: the engine calls ``observe``/``inc``/
+``set`` on it directly, and ``labels(...)`` on a labelled one takes only the remaining labels.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -27,57 +37,98 @@ _LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+MODEL_LABEL = "model_name"
+
+
+def model_name_of(model: object) -> str:
+    """The default ``model_name``: a checkpoint directory's name, ``demo`` for the built-in model (None), a
+    module's class name for a model passed in as an object."""
+    if model is None:
+        return "demo"
+    if isinstance(model, str | os.PathLike):
+        return Path(model).resolve().name
+    return type(model).__name__
+
+
+class _Labelled:
+    """A labelled metric with ``model_name`` filled in: ``labels(replica)`` gives the child series."""
+
+    def __init__(self, metric: Counter | Gauge, model_name: str) -> None:
+        self._metric, self._model_name = metric, model_name
+
+    def labels(self, *values: str) -> Counter | Gauge:
+        return self._metric.labels(self._model_name, *values)
+
+
+class _CountFromFunction(Collector):
+    """A counter whose value a function reads at scrape time (``Counter`` itself can only be incremented).
+
+    The compile count lives in a process-wide listener (``jdisagg.compile_counter``), not in the engine.
+    """
+
+    def __init__(self, name: str, documentation: str, model_name: str, read: Callable[[], float]) -> None:
+        self._name, self._documentation = name, documentation
+        self._model_name, self._read = model_name, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=[MODEL_LABEL])
+        family.add_metric([self._model_name], self._read())
+        yield family
 
 
 class EngineMetrics:
-    """Every series the engine updates. ``registry`` is what an HTTP exporter serves."""
+    """Every series the engine updates. ``registry`` is what an HTTP exporter serves.
 
-    def __init__(self) -> None:
+    Args:
+        model_name: the ``model_name`` label value: the served model name, else the checkpoint
+            directory's name (``demo`` for the built-in model).
+        compile_count: reads the process's XLA compilation count for ``jdisagg_compilations_total``.
+    """
+
+    def __init__(self, model_name: str, compile_count: Callable[[], float]) -> None:
+        self.model_name = model_name
         r = self.registry = CollectorRegistry()
-        self.ttft = Histogram(
-            "jdisagg_time_to_first_token_seconds",
-            "Arrival to first token.",
-            registry=r,
-            buckets=_LATENCY_BUCKETS,
-        )
-        self.tpot = Histogram(
+        label = [MODEL_LABEL]
+
+        def histogram(name: str, documentation: str) -> Histogram:
+            metric = Histogram(name, documentation, label, registry=r, buckets=_LATENCY_BUCKETS)
+            return metric.labels(model_name)
+
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, label, registry=r).labels(model_name)
+
+        def by(kind: type[Counter] | type[Gauge], name: str, documentation: str, extra: str) -> _Labelled:
+            return _Labelled(kind(name, documentation, [MODEL_LABEL, extra], registry=r), model_name)
+
+        self.ttft = histogram("jdisagg_time_to_first_token_seconds", "Arrival to first token.")
+        self.tpot = histogram(
             "jdisagg_time_per_output_token_seconds",
             "Mean time per output token after the first, per request.",
-            registry=r,
-            buckets=_LATENCY_BUCKETS,
         )
-        self.itl = Histogram(
-            "jdisagg_inter_token_latency_seconds",
-            "Time between consecutive tokens of a stream.",
-            registry=r,
-            buckets=_LATENCY_BUCKETS,
+        self.itl = histogram(
+            "jdisagg_inter_token_latency_seconds", "Time between consecutive tokens of a stream."
         )
-        self.queue_time = Histogram(
-            "jdisagg_queue_time_seconds", "Arrival to start of prefill.", registry=r, buckets=_LATENCY_BUCKETS
+        self.queue_time = histogram("jdisagg_queue_time_seconds", "Arrival to start of prefill.")
+        self.e2e = histogram("jdisagg_e2e_request_latency_seconds", "Arrival to finish.")
+        self.queue_depth = by(Gauge, "jdisagg_queue_depth", "Requests waiting per stage.", "stage")
+        self.running = by(Gauge, "jdisagg_running_sequences", "Sequences in the decode batch.", "replica")
+        self.pages_used = by(Gauge, "jdisagg_kv_pages_used", "KV pages in use.", "replica")
+        self.pages_total = by(Gauge, "jdisagg_kv_pages_total", "KV pages in the pool.", "replica")
+        self.transfer_bytes = counter("jdisagg_kv_transfer_bytes", "KV bytes moved prefill -> decode.")
+        self.transfer_failures = counter(
+            "jdisagg_kv_transfer_failures", "KV hand-offs that failed (the request ended with an error)."
         )
-        self.e2e = Histogram(
-            "jdisagg_e2e_request_latency_seconds", "Arrival to finish.", registry=r, buckets=_LATENCY_BUCKETS
+        self.transfer_seconds = counter(
+            "jdisagg_kv_transfer_seconds", "Time spent moving KV prefill -> decode."
         )
-        self.queue_depth = Gauge("jdisagg_queue_depth", "Requests waiting per stage.", ["stage"], registry=r)
-        self.running = Gauge(
-            "jdisagg_running_sequences", "Sequences in the decode batch.", ["replica"], registry=r
+        compilations = "XLA compilations in this process (none after warm-up)."
+        r.register(_CountFromFunction("jdisagg_compilations", compilations, model_name, compile_count))
+        self.requests = by(Counter, "jdisagg_requests", "Finished requests by outcome.", "outcome")
+        self.live_workers = by(
+            Gauge, "jdisagg_live_workers", "Prefill/decode replicas (workers) that can take work now.", "role"
         )
-        self.pages_used = Gauge("jdisagg_kv_pages_used", "KV pages in use.", ["replica"], registry=r)
-        self.pages_total = Gauge("jdisagg_kv_pages_total", "KV pages in the pool.", ["replica"], registry=r)
-        self.transfer_bytes = Counter(
-            "jdisagg_kv_transfer_bytes", "KV bytes moved prefill -> decode.", registry=r
+        self.preemptions = counter(
+            "jdisagg_preemptions", "Sequences preempted (recomputed) for lack of KV pages."
         )
-        self.transfer_failures = Counter(
-            "jdisagg_kv_transfer_failures", "KV hand-offs that failed (the request ended with an error).",
-            registry=r,
-        )
-        self.transfer_seconds = Counter(
-            "jdisagg_kv_transfer_seconds", "Time spent moving KV prefill -> decode.", registry=r
-        )
-        self.compilations = Gauge("jdisagg_compilations", "XLA compilations since start.", registry=r)
-        self.requests = Counter("jdisagg_requests", "Finished requests by outcome.", ["outcome"], registry=r)
-        self.preemptions = Counter(
-            "jdisagg_preemptions", "Sequences preempted (recomputed) for lack of KV pages.", registry=r
-        )
-        self.prompt_tokens = Counter("jdisagg_prompt_tokens", "Prompt tokens prefilled.", registry=r)
-        self.generation_tokens = Counter("jdisagg_generation_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = counter("jdisagg_prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("jdisagg_generation_tokens", "Tokens generated.")

@@ -45,15 +45,17 @@ class LaunchOptions:
     prefill_cpus: str | None = None
     decode_cpus: str | None = None
     worker_devices: int | None = None
+    tokenizer: str | None = None  # a tokenizer.json or a directory holding one; None: the model's
+    served_model_name: str | None = None  # the metrics' model_name; None: the model directory's name
 
 
 def launch(opts: LaunchOptions) -> int:
     """Serve until a signal, then drain; returns the exit code. Raises ``LaunchError`` for bad options."""
-    from jdisagg.serving.devices import choose_meshes, request_host_devices
+    from jdisagg.serving.devices import choose_meshes, host_devices_for, request_host_devices
 
     if opts.processes:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the workers own the accelerators, not the front
-    request_host_devices()
+    request_host_devices(host_devices_for(opts.prefill_mesh, opts.decode_mesh, opts.colocate))
 
     import jax
 
@@ -65,6 +67,9 @@ def launch(opts: LaunchOptions) -> int:
         if opts.processes:
             if opts.colocate:
                 raise ValueError("--processes runs prefill and decode in separate workers: drop --colocate")
+            if opts.tokenizer:
+                raise ValueError("--tokenizer is not passed on to --processes workers yet: put the "
+                                 "tokenizer.json into the model directory instead")
         else:
             build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
         decode_dp = parse_mesh_spec(meshes.decode).dp
@@ -101,11 +106,14 @@ def launch(opts: LaunchOptions) -> int:
 def _start_engine(opts: LaunchOptions, meshes) -> Engine:
     from jdisagg.engine import Engine
     from jdisagg.serving.devices import describe_devices
+    from jdisagg.tokenizer import HFTokenizer
 
+    tokenizer = HFTokenizer.from_file(opts.tokenizer) if opts.tokenizer else None
     log.info("devices: %s", describe_devices())
     log.info("loading %s and compiling its programs", opts.model or "the built-in demo model")
     return Engine(
-        opts.model, prefill_mesh=meshes.prefill, decode_mesh=meshes.decode, colocate=meshes.colocate,
+        opts.model, tokenizer=tokenizer, served_model_name=opts.served_model_name,
+        prefill_mesh=meshes.prefill, decode_mesh=meshes.decode, colocate=meshes.colocate,
         page_size=opts.page_size, num_pages=opts.num_pages, max_batch=opts.max_batch,
         max_context=opts.max_context, max_queue=opts.max_queue,
         attention_backend=opts.attention_backend, progress=opts.progress,

@@ -45,6 +45,7 @@ class WorkerOptions:
     offer_timeout: float | None  # None: the front's
     progress: bool
     exit_with_parent: bool
+    tokenizer: str | None = None  # a tokenizer.json (or its directory) for a checkpoint that has none
 
 
 def fingerprint(config: Any, kv_dtype: str, settings: wpb.Settings) -> str:
@@ -197,14 +198,17 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     from jdisagg.meshes import TP_AXIS, MeshSpec, check_fits
     from jdisagg.replicas import build_decode_replica, build_prefill_replica
     from jdisagg.sizes import ServingSizes
+    from jdisagg.tokenizer import HFTokenizer
     from jdisagg.workers.handoff import ExpectedKV, KVReceiver, KVSender
 
     devices = jax.devices()
     if len(devices) < settings.tp:
         raise WorkerStartError(f"the {opts.role} role needs tp={settings.tp} devices, this process sees "
-                               f"{len(devices)}")
+                               f"{len(devices)} (on CPU: drop XLA_FLAGS' device count, or set it to "
+                               f"{settings.tp}; on GPUs: make {settings.tp} visible)")
     model = opts.model or settings.model or None
-    module, _ = load_model(model)
+    tokenizer = HFTokenizer.from_file(opts.tokenizer) if opts.tokenizer else None
+    module, _ = load_model(model, tokenizer)
     config = module.config
     try:
         check_fits(MeshSpec(settings.tp, 1), num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
