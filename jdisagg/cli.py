@@ -82,6 +82,12 @@ def _build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--metrics-port", type=_port, default=9400,
                         help="port of the Prometheus /metrics endpoint; 0 turns it off "
                              "(default: %(default)s)")
+    launch.add_argument("--http-port", type=_port, default=8000,
+                        help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                             "/v1/models, /health); 0 turns it off (default: %(default)s)")
+    launch.add_argument("--chat-template", metavar="FILE", default=None,
+                        help="a Jinja chat template replacing the model's own (tokenizer_config.json's "
+                             "chat_template) for /v1/chat/completions")
     launch.add_argument("--max-batch", type=_positive, default=8,
                         help="sequences per decode replica and step (default: %(default)s)")
     launch.add_argument("--page-size", type=_positive, default=16,
@@ -153,6 +159,11 @@ def _build_parser() -> argparse.ArgumentParser:
             "TPOT, inter-token and end-to-end latency (mean/p50/p90/p99) and goodput under SLOs. Prompts are "
             "random token ids; outputs ignore EOS so each request yields exactly its drawn length."))
     bench.add_argument("--server", default="127.0.0.1:50051", help="gRPC address (default: %(default)s)")
+    bench.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                       help="the API to drive: jdisagg's gRPC at --server, or the OpenAI-compatible HTTP API "
+                            "at --base-url (streamed /v1/completions) (default: %(default)s)")
+    bench.add_argument("--base-url", default="http://127.0.0.1:8000",
+                       help="the HTTP API with --backend openai (default: %(default)s)")
     bench.add_argument("--num-requests", type=_positive, default=100,
                        help="measured requests (default: %(default)s)")
     bench.add_argument("--warmup", type=_integer, default=4,
@@ -255,11 +266,12 @@ def _bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         args.server, workload, args.num_requests, args.rate, args.burstiness, args.concurrency, args.warmup,
         args.seed, args.slo_ttft, args.slo_tpot, args.metrics_url, progress=args.progress,
+        backend=args.backend, base_url=args.base_url,
     )
     try:
         summary = run_bench(opts)
     except OSError as exc:
-        return _fail(1, f"cannot reach the server's metrics: {exc}")
+        return _fail(1, f"cannot reach the server or its metrics: {exc}")
     print(format_summary(summary))
     if args.json:
         write_json(summary, args.json)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from jdisagg.engine import Engine
+    from jdisagg.serving.openai.server import HTTPServer
 
 log = logging.getLogger("jdisagg.serving")
 
@@ -47,6 +48,8 @@ class LaunchOptions:
     worker_devices: int | None = None
     tokenizer: str | None = None  # a tokenizer.json or a directory holding one; None: the model's
     served_model_name: str | None = None  # the metrics' model_name; None: the model directory's name
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off
+    chat_template: str | None = None  # a Jinja file replacing the model's chat template
 
 
 def launch(opts: LaunchOptions) -> int:
@@ -73,6 +76,7 @@ def launch(opts: LaunchOptions) -> int:
         else:
             build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
         decode_dp = parse_mesh_spec(meshes.decode).dp
+        http = _start_http(opts) if opts.http_port else None
         server = GenerationServer(opts.host, opts.port, opts.max_queue + opts.max_batch * decode_dp + 16)
     except (ValueError, OSError) as exc:
         raise LaunchError(str(exc)) from exc
@@ -87,6 +91,9 @@ def launch(opts: LaunchOptions) -> int:
             else:
                 engine = _start_engine(opts, meshes)
             server.serve(engine, opts.host, opts.metrics_port)
+            if http is not None:
+                http.serve(engine)
+                log.info("OpenAI-compatible HTTP API on http://%s/v1", host_port(opts.host, http.port))
         except (ValueError, OSError, RuntimeError) as exc:
             raise LaunchError(str(exc)) from exc
         stop = _stop_on_signals()
@@ -96,7 +103,11 @@ def launch(opts: LaunchOptions) -> int:
         log.info("%s: draining in-flight requests (up to %.0f s)", signal.Signals(signum).name,
                  opts.drain_timeout)
     finally:
+        if http is not None:
+            http.close()  # new HTTP requests get 503 while the engine drains
         server.shutdown(engine, opts.drain_timeout)
+        if http is not None:
+            http.shutdown()
         if stop_workers is not None:
             stop_workers(opts.drain_timeout)
     log.info("stopped")
@@ -117,6 +128,19 @@ def _start_engine(opts: LaunchOptions, meshes) -> Engine:
         page_size=opts.page_size, num_pages=opts.num_pages, max_batch=opts.max_batch,
         max_context=opts.max_context, max_queue=opts.max_queue,
         attention_backend=opts.attention_backend, progress=opts.progress,
+    )
+
+
+def _start_http(opts: LaunchOptions) -> HTTPServer:
+    """The OpenAI-compatible API, listening (503 on /health) while the engine loads and compiles."""
+    from jdisagg.chat_template import ChatTemplate
+    from jdisagg.metrics import model_name_of
+    from jdisagg.serving.openai.defaults import GenerationDefaults
+    from jdisagg.serving.openai.server import HTTPServer
+
+    return HTTPServer(
+        opts.host, opts.http_port, opts.served_model_name or model_name_of(opts.model),
+        ChatTemplate.for_model(opts.model, opts.chat_template), GenerationDefaults.for_model(opts.model),
     )
 
 
