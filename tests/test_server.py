@@ -50,7 +50,7 @@ class Server:
         self.port, self.metrics_port = _free_port(), _free_port()
         self.target = f"127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "jdisagg.cli", "launch", "--no-progress", "--port", str(self.port),
-                "--metrics-port", str(self.metrics_port)]
+                "--metrics-port", str(self.metrics_port), "--http-port", "0"]
         for name, value in flags.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         self._stderr = log_dir / f"server-{self.port}.err"

@@ -268,7 +268,8 @@ def test_launch_processes_serves_and_sigterm_stops_its_workers(tmp_path):
         front = subprocess.Popen(
             [sys.executable, "-m", "jdisagg.cli", "launch", "--processes", "--prefill-mesh", "1x1",
              "--decode-mesh", "1x1", "--max-batch", str(SIZES.max_batch), "--max-context",
-             str(SIZES.max_context), "--port", str(port), "--metrics-port", "0", "--no-progress"],
+             str(SIZES.max_context), "--port", str(port), "--metrics-port", "0", "--http-port", "0",
+             "--no-progress"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     try:

@@ -45,7 +45,7 @@ def start_server(setup: str, cores: list[int], port: int, metrics_port: int, max
                  log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "jdisagg.cli", "launch", "--port", str(port), "--metrics-port",
                str(metrics_port), "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-batch",
-               str(max_batch), "--no-progress"]
+               str(max_batch), "--http-port", "0", "--no-progress"]
     if setup == "colocated":
         command.append("--colocate")
     else:
