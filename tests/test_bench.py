@@ -21,7 +21,9 @@ from jdisagg.bench import (
     run_bench,
     summarize,
 )
+from jdisagg.chat_template import ChatTemplate
 from jdisagg.engine import Engine
+from jdisagg.serving.openai.server import HTTPServer
 from jdisagg.serving.server import GenerationServer
 
 MIXED = Workload(Lengths(8, 24), Lengths(4, 12), 0.25, Lengths(64, 96), Lengths(2, 2))
@@ -76,20 +78,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bench_against_a_live_server_counts_every_request_on_both_sides():
-    with Engine(prefill_mesh="2x1", decode_mesh="1x2", max_batch=8, max_context=128,
-                progress=False) as engine:
-        server = GenerationServer("127.0.0.1", 0, 64)
-        metrics_port = _free_port()
-        server.serve(engine, "127.0.0.1", metrics_port)
-        try:
-            summary = run_bench(BenchOptions(
-                f"127.0.0.1:{server.port}", MIXED, num_requests=16, rate=50.0, burstiness=0.5, warmup=2,
-                seed=3, slo_tpot_ms=1e6, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                progress=False,
-            ))
-        finally:
-            server.shutdown(None, 1.0)
+@pytest.mark.parametrize("backend", ["grpc", "openai"])
+def test_bench_against_a_live_server_counts_every_request_on_both_sides(live_server, backend):
+    grpc_target, base_url, metrics_url = live_server
+    summary = run_bench(BenchOptions(
+        grpc_target, MIXED, num_requests=16, rate=50.0, burstiness=0.5, warmup=2, seed=3, slo_tpot_ms=1e6,
+        metrics_url=metrics_url, progress=False, backend=backend, base_url=base_url,
+    ))
     requests = make_requests(MIXED, 18, 3)[2:]
     assert summary["succeeded"] == 16 and not summary["failed"]
     assert summary["output_tokens"] == sum(r.max_tokens for r in requests)
@@ -99,6 +94,24 @@ def test_bench_against_a_live_server_counts_every_request_on_both_sides():
     # The server's histograms saw exactly the measured requests (warm-up excluded on both sides).
     assert summary["server_requests"] == {"ttft_ms": 16, "tpot_ms": 16, "e2e_ms": 16}
     assert all(ratio > 0 for ratio in summary["server_over_client"].values())
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    """One engine behind both fronts: gRPC (with metrics) and the OpenAI-compatible HTTP API."""
+    with Engine(prefill_mesh="2x1", decode_mesh="1x2", max_batch=8, max_context=128,
+                progress=False) as engine:
+        server = GenerationServer("127.0.0.1", 0, 64)
+        metrics_port = _free_port()
+        server.serve(engine, "127.0.0.1", metrics_port)
+        http = HTTPServer("127.0.0.1", 0, "demo", ChatTemplate.for_model(None))
+        http.serve(engine)
+        try:
+            yield (f"127.0.0.1:{server.port}", f"http://127.0.0.1:{http.port}/v1",
+                   f"http://127.0.0.1:{metrics_port}/metrics")
+        finally:
+            http.shutdown()
+            server.shutdown(None, 1.0)
 
 
 def test_bench_cli_rejects_bad_lengths_with_one_line():
