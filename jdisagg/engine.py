@@ -220,6 +220,8 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
         self.metrics = EngineMetrics(self.model_name, compile_count)
         self._prefill, self._decode = prefill, decode
+        for role in ("prefill", "decode"):
+            self.metrics.live_workers.labels(role).set_function(lambda role=role: self.live_replicas()[role])
         self._compile_all(progress)
         self.warm_compile_count = compile_count()
 
@@ -523,9 +525,14 @@ class Engine:
                 continue
             self._transfers.put(_Handoff(request, target, pages, token, logprob, kv))
 
+    def live_replicas(self) -> dict[str, int]:
+        """Replicas per role that can take work now: all of them in process; live workers across processes
+        (health reports SERVING only while both roles have one)."""
+        return {"prefill": sum(p.alive for p in self._prefill), "decode": sum(d.alive for d in self._decode)}
+
     def _servable(self) -> bool:
         """Some prefill and some decode replica are alive (always, in process)."""
-        return any(p.alive for p in self._prefill) and any(d.alive for d in self._decode)
+        return all(self.live_replicas().values())
 
     def _fail_waiting(self) -> None:
         """No worker of a role is left: end every waiting request now (UNAVAILABLE) instead of letting it

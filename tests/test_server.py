@@ -25,7 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from jdisagg.engine import Engine, EngineClosedError, QueueFullError
 from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
 from jdisagg.requests import RequestStream
-from jdisagg.sampling_params import SamplingParams
+from jdisagg.sampling_params import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    SamplingParams,
+)
 from jdisagg.serving.client import make_request, wait_until_serving
 from jdisagg.serving.convert import FINISH_REASONS
 from jdisagg.serving.server import GenerationServer
@@ -192,6 +198,12 @@ BAD_REQUESTS = {
     "top_p above 1": make_request("hi", top_p=1.5),
     "token id out of vocabulary": make_request([1, 2, 1_000_000]),
     "negative token id": make_request([1, -1]),
+    "temperature +inf": make_request("hi", temperature=float("inf")),
+    "temperature 1e308": make_request("hi", temperature=1e308),
+    "temperature above the bound": make_request("hi", temperature=MAX_TEMPERATURE * 1.01),
+    "too many stop strings": make_request("hi", stop=[f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]),
+    "stop string too long": make_request("hi", stop=["x" * (MAX_STOP_STRING_CHARS + 1)]),
+    "too many stop ids": make_request("hi", stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))),
 }
 
 
@@ -218,6 +230,43 @@ def test_unknown_fields_are_invalid_argument(server, stub, extra):
         call(raw, timeout=RPC_TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "1023" in err.value.details()
+
+
+VALID = make_request("hi", max_tokens=2).SerializeToString()
+MALFORMED_BODIES = {
+    # field 1 (text), 2 bytes that are not UTF-8
+    "text not UTF-8": (b"\x0a\x02\xff\xfe", "String field had bad UTF-8"),
+    "truncated": (VALID[:-1], "Wire format was corrupt"),
+    # sampling (field 3) holding temperature (field 2, a double) sent as a varint
+    "wire-type mismatch": (VALID + b"\x1a\x02\x10\x01",
+                           "sampling.temperature (field 2) arrived with wire type varint, expected 64-bit"),
+}
+
+
+@pytest.mark.parametrize(("body", "phrase"), MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())
+def test_malformed_body_is_invalid_argument_without_a_traceback(server, stub, body, phrase):
+    unary = server.channel.unary_unary("/jdisagg.v1.Generation/GenerateUnary")
+    stream = server.channel.unary_stream("/jdisagg.v1.Generation/Generate")
+    for rpc in (lambda: unary(body, timeout=RPC_TIMEOUT_S),
+                lambda: list(stream(body, timeout=RPC_TIMEOUT_S))):
+        with pytest.raises(grpc.RpcError) as err:
+            rpc()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert phrase in err.value.details()
+        assert len(err.value.details()) < 200
+    log = server.log_tail()
+    assert "Traceback" not in log and "deserializing" not in log, log
+
+
+def test_the_largest_allowed_inputs_are_served(stub):
+    stops = ["\x00" * MAX_STOP_STRING_CHARS] * (MAX_STOP_STRINGS - 1) + ["e"]
+    request = make_request("ROMEO:", max_tokens=40, stop=stops,
+                           stop_token_ids=list(range(128, 128 + MAX_STOP_TOKEN_IDS)))
+    reply = stub.GenerateUnary(request, timeout=RPC_TIMEOUT_S)
+    assert reply.finish_reason == pb.FINISH_REASON_STOP and "e" not in reply.text, reply
+    hot = stub.GenerateUnary(make_request("hi", max_tokens=2, temperature=MAX_TEMPERATURE, ignore_eos=True),
+                             timeout=RPC_TIMEOUT_S)
+    assert len(hot.token_ids) == 2
 
 
 def test_still_serving_after_bad_input(stub):
@@ -268,6 +317,9 @@ def test_queue_full_is_resource_exhausted(tmp_path_factory):
 
 class _FailingEngine:
     """Stands in for an engine to drive the error paths a healthy engine cannot be made to take."""
+
+    def live_replicas(self) -> dict[str, int]:
+        return {"prefill": 1, "decode": 1}
 
     def submit(self, prompt, params, *, request_id=None) -> RequestStream:
         if prompt == "full":

@@ -2,7 +2,9 @@
 
 Outputs must equal the in-process engine's on the same meshes; a SIGKILLed worker must end its requests
 with UNAVAILABLE (or let them finish elsewhere) without hangs or reserved pages; a restarted worker
-rejoins; a layout the receiver would misread is refused.
+rejoins; a layout the receiver would misread is refused. Partial failures: a worker stalled (SIGSTOP) past
+the eviction time is evicted and registers again by itself once it runs; a shorter stall only delays its
+streams; health follows whether both roles have a live worker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,14 +22,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jdisagg.engine import Engine
 from jdisagg.meshes import parse_mesh_spec
+from jdisagg.metrics import MODEL_LABEL
 from jdisagg.models.demo import DEMO_CONFIG
 from jdisagg.outputs import FinishReason
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.serving.client import make_request
-from jdisagg.serving.server import GenerationServer
+from jdisagg.serving.server import SERVICE_NAME, GenerationServer
 from jdisagg.sizes import plan_sizes
 from jdisagg.v1 import jdisagg_pb2_grpc as pb_grpc
 from jdisagg.v1 import worker_pb2 as wpb
@@ -176,58 +181,130 @@ def test_mismatched_kv_layout_is_refused_never_decoded(tp2_to_tp1):
             assert phrase in err.value.details()
         staged = decode.Pull(wpb.PullRequest(offer=good), timeout=30).staged  # still serving
         decode.Discard(staged, timeout=10)
-    assert _texts(front.engine, GREEDY) == _texts(front.engine, GREEDY)
+    assert _texts(front.engine, GREEDY) == _reference("2x2", "1x2")["greedy"]
 
 
-def _stream(address: str, prompt: str, max_tokens: int) -> tuple[str, int]:
-    """(outcome, tokens received): "ok" or the status code's name."""
-    tokens = 0
-    with grpc.insecure_channel(address) as channel:
-        try:
-            for response in pb_grpc.GenerationStub(channel).Generate(
-                make_request(prompt, max_tokens=max_tokens), timeout=120
-            ):
-                tokens += len(response.token_ids)
-        except grpc.RpcError as exc:
-            return exc.code().name, tokens
-    return "ok", tokens
+class Stream:
+    """One streaming request over gRPC in a pool thread, counting its own tokens as they arrive."""
+
+    def __init__(self, pool: ThreadPoolExecutor, address: str, prompt: str, max_tokens: int) -> None:
+        self.tokens = 0
+        self._arrived = threading.Condition()
+        self._future = pool.submit(self._run, address, prompt, max_tokens)
+
+    def _run(self, address: str, prompt: str, max_tokens: int) -> str:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                for response in pb_grpc.GenerationStub(channel).Generate(
+                    make_request(prompt, max_tokens=max_tokens, ignore_eos=True), timeout=120
+                ):
+                    with self._arrived:
+                        self.tokens += len(response.token_ids)
+                        self._arrived.notify_all()
+            except grpc.RpcError as exc:
+                return exc.code().name
+        return "ok"
+
+    def wait_tokens(self, count: int, timeout: float = 120.0) -> None:
+        with self._arrived:
+            assert self._arrived.wait_for(lambda: self.tokens >= count or self._future.done(), timeout)
+        assert self.tokens >= count, f"the stream ended after {self.tokens} tokens: {self.result()}"
+
+    def result(self) -> tuple[str, int]:
+        """(outcome, tokens received): "ok" or the status code's name. A stream that hangs raises here."""
+        return self._future.result(timeout=120), self.tokens
 
 
-@pytest.mark.parametrize("role", ["decode", "prefill"])
-def test_sigkilled_worker_ends_or_reroutes_its_requests_and_a_restarted_one_rejoins(tp2_to_tp1, role):
-    front = tp2_to_tp1.front
-    server = GenerationServer("127.0.0.1", 0, 64)
-    server.serve(front.engine, "127.0.0.1", 0)
-    address = f"127.0.0.1:{server.port}"
+class Served:
+    """A ``GenerationServer`` over a cluster's front, with its health and live-worker metric at hand."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.server = GenerationServer("127.0.0.1", 0, 64)
+        self.server.serve(front.engine, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self.server.port}"
+        self.pool = ThreadPoolExecutor(16)
+
+    def stream(self, prompt: str, max_tokens: int) -> Stream:
+        return Stream(self.pool, self.address, prompt, max_tokens)
+
+    def health(self) -> str:
+        """The server's status, the same for the whole server and for jdisagg.v1.Generation."""
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            statuses = {stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+                        for name in ("", SERVICE_NAME)}
+        assert len(statuses) == 1, statuses
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(statuses.pop())
+
+    def live_workers(self, role: str) -> float | None:
+        metrics = self.front.engine.metrics
+        return metrics.registry.get_sample_value(
+            "jdisagg_live_workers", {MODEL_LABEL: metrics.model_name, "role": role})
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.server.shutdown(None, 1.0)
+
+
+def test_sigkilled_decode_worker_ends_its_streams_mid_generation_and_a_restarted_one_rejoins(tp2_to_tp1):
+    """Every stream has its own tokens before the kill: the dead worker's streams end UNAVAILABLE midway,
+    the other replica's finish."""
+    served = Served(tp2_to_tp1.front)
     try:
-        victim = tp2_to_tp1.child(role, 0)
-        prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(12)]
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            futures = [pool.submit(_stream, address, p, 96) for p in prompts]
-            deadline = time.monotonic() + 60
-            while front.engine.metrics.generation_tokens._value.get() < 40 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            os.kill(victim.pid, signal.SIGKILL)
-            outcomes = [f.result(timeout=120) for f in futures]  # a stream that hangs raises here
-        codes = {code for code, _ in outcomes}
-        assert codes <= {"ok", "UNAVAILABLE"}, outcomes
-        if role == "decode":
-            assert "UNAVAILABLE" in codes, outcomes  # the dead decode worker's streams
-        assert "ok" in codes, outcomes  # the survivors' streams
-        _wait(lambda: not getattr(front, role)[0].alive, "the dead worker is noticed")
-        _wait(lambda: front.engine.stats()["live"] == 0, "every request ended")
-        assert _pages_used(front) == [0, 0]
-
-        survivors = front.engine.generate(PROMPTS[:2], GREEDY)  # served by the survivors
-        assert all(o.error is None and len(o.token_ids) == 24 for o in survivors)
-
-        tp2_to_tp1.rejoin(role)
-        _wait(lambda: getattr(front, role)[0].alive, "the restarted worker rejoins", timeout=300)
-        assert _texts(front.engine, GREEDY) == _reference("2x2", "1x2")["greedy"]
-        assert _pages_used(front) == [0, 0]
-        assert victim.wait(timeout=10) == -signal.SIGKILL
+        victim = tp2_to_tp1.child("decode", 0)
+        streams = [served.stream(PROMPTS[i % len(PROMPTS)] * (1 + i % 3), 96) for i in range(8)]
+        for stream in streams:
+            stream.wait_tokens(8)
+        os.kill(victim.pid, signal.SIGKILL)
+        outcomes = [s.result() for s in streams]
+        assert {code for code, _ in outcomes} == {"ok", "UNAVAILABLE"}, outcomes
+        assert all(tokens >= 8 for _, tokens in outcomes), outcomes  # killed mid-generation
+        assert all(tokens < 96 for code, tokens in outcomes if code == "UNAVAILABLE"), outcomes
+        _survive_and_rejoin(tp2_to_tp1, "decode", victim)
     finally:
-        server.shutdown(None, 1.0)
+        served.close()
+
+
+def test_sigkilled_prefill_worker_mid_prefill_is_retried_on_the_other_and_a_restarted_one_rejoins(
+    tp2_to_tp1, caplog
+):
+    """The victim is stopped first so that a prompt it takes stays in its prefill; killing it then must
+    send that prompt to the other prefill worker, and every stream completes."""
+    served = Served(tp2_to_tp1.front)
+    try:
+        victim = tp2_to_tp1.child("prefill", 0)
+        os.kill(victim.pid, signal.SIGSTOP)
+        streams = [served.stream(PROMPTS[i % len(PROMPTS)], 24) for i in range(6)]
+        _wait(lambda: sum(s.tokens > 0 for s in streams) == len(streams) - 1,
+              "every prompt but the one the stopped worker holds is served elsewhere")
+        with caplog.at_level("WARNING", logger="jdisagg.engine"):
+            os.kill(victim.pid, signal.SIGKILL)
+            outcomes = [s.result() for s in streams]
+        assert outcomes == [("ok", 24)] * len(streams), outcomes
+        assert any("retrying" in r.getMessage() and "prefill worker 0" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        _survive_and_rejoin(tp2_to_tp1, "prefill", victim)
+    finally:
+        served.close()
+
+
+def _survive_and_rejoin(cluster: Cluster, role: str, victim: subprocess.Popen) -> None:
+    """After ``victim``'s death: its slot is dead, no request or page is left, the survivors serve, and a
+    restarted worker takes the slot and serves the in-process reference's tokens."""
+    front = cluster.front
+    _wait(lambda: not getattr(front, role)[0].alive, "the dead worker is noticed")
+    _wait(lambda: front.engine.stats()["live"] == 0, "every request ended")
+    assert _pages_used(front) == [0, 0]
+
+    survivors = front.engine.generate(PROMPTS[:2], GREEDY)  # served by the survivors
+    assert all(o.error is None and len(o.token_ids) == 24 for o in survivors)
+
+    cluster.rejoin(role)
+    _wait(lambda: getattr(front, role)[0].alive, "the restarted worker rejoins", timeout=300)
+    assert _texts(front.engine, GREEDY) == _reference("2x2", "1x2")["greedy"]
+    assert _pages_used(front) == [0, 0]
+    assert victim.wait(timeout=10) == -signal.SIGKILL
 
 
 def _wait(predicate, what: str, timeout: float = 60.0) -> None:
@@ -312,3 +389,114 @@ def test_kv_that_never_arrives_fails_its_request_and_frees_its_pages(tmp_path):
     finally:
         front.shutdown(drain=False, timeout=5.0)
         stop_workers(children)
+
+
+STALL_S = 12.0  # longer than the front's eviction time (10 s)
+
+
+def _stall(process: subprocess.Popen, seconds: float, during=lambda: None) -> None:
+    """SIGSTOP ``process`` for ``seconds``, running ``during()`` meanwhile; SIGCONT whatever happens."""
+    stopped = time.monotonic()
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        during()
+        time.sleep(max(0.0, stopped + seconds - time.monotonic()))
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def _evicted_but_running(slot, process: subprocess.Popen) -> None:
+    """A silent worker is declared dead after its missed heartbeats, though its process lives on."""
+    _wait(lambda: not slot.alive, "the silent worker is evicted", timeout=30)
+    assert process.poll() is None
+
+
+def test_a_stalled_only_prefill_worker_is_evicted_and_registers_again_by_itself(tp4_to_tp2):
+    """(a) SIGSTOP the only prefill worker for 12 s: the prompts it and the queue held end UNAVAILABLE,
+    streams already decoding finish; after SIGCONT the same process serves again within 30 s."""
+    front, served = tp4_to_tp2.front, Served(tp4_to_tp2.front)
+    try:
+        victim, processes = tp4_to_tp2.child("prefill", 0), [c.pid for c in tp4_to_tp2.children]
+        decoding = [served.stream(p, 100) for p in PROMPTS[:3]]
+        for stream in decoding:
+            stream.wait_tokens(2)
+        waiting: list[Stream] = []
+
+        def during() -> None:
+            waiting.extend(served.stream(p, 8) for p in PROMPTS[3:5])  # one in its prefill, one queued
+            _evicted_but_running(front.prefill[0], victim)
+            _wait(lambda: served.health() == "NOT_SERVING", "health reports NOT_SERVING", timeout=5)
+            assert served.live_workers("prefill") == 0 and served.live_workers("decode") == 2
+
+        _stall(victim, STALL_S, during)
+        _wait(lambda: front.prefill[0].alive, "the stalled worker registers again", timeout=30)
+        assert front.prefill[0].pid == victim.pid and [c.pid for c in tp4_to_tp2.children] == processes
+        _wait(lambda: served.health() == "SERVING", "health reports SERVING again", timeout=5)
+        assert [s.result()[0] for s in decoding] == ["ok"] * 3
+        assert [s.result()[0] for s in waiting] == ["UNAVAILABLE"] * 2
+        assert _texts(front.engine, GREEDY) == _reference("4x1", "2x2")["greedy"]
+        _wait(lambda: front.engine.stats()["live"] == 0, "every request ended")
+        assert _pages_used(front) == [0, 0]
+    finally:
+        served.close()
+
+
+def _streams_on_both_replicas(served: Served) -> list[Stream]:
+    streams = [served.stream(p, 100) for p in PROMPTS]
+    for stream in streams:
+        stream.wait_tokens(2)
+    assert all(slot.allocator.used for slot in served.front.decode)
+    return streams
+
+
+def test_b_a_short_decode_stall_only_delays_a_long_one_evicts_and_the_worker_comes_back(tp4_to_tp2):
+    """(b) A 3 s stall of a decode worker evicts nothing and its streams finish; a 12 s stall evicts it
+    (its streams end UNAVAILABLE, the other replica's finish, health stays SERVING); after SIGCONT it
+    registers again with fresh pools and both replicas run sequences again."""
+    front, served = tp4_to_tp2.front, Served(tp4_to_tp2.front)
+    try:
+        victim = tp4_to_tp2.child("decode", 0)
+        streams = _streams_on_both_replicas(served)
+        alive: list[bool] = []
+
+        def watch_slot() -> None:
+            for _ in range(20):
+                alive.append(front.decode[0].alive)
+                time.sleep(0.1)
+
+        _stall(victim, 3.0, watch_slot)
+        assert all(alive) and front.decode[0].alive
+        assert [s.result() for s in streams] == [("ok", 100)] * len(streams)
+
+        streams = _streams_on_both_replicas(served)
+        _stall(victim, STALL_S, lambda: (_evicted_but_running(front.decode[0], victim),
+                                         _wait(lambda: served.health() == "SERVING", "still SERVING")))
+        outcomes = [s.result() for s in streams]
+        assert {code for code, _ in outcomes} == {"ok", "UNAVAILABLE"}, outcomes
+        _wait(lambda: front.decode[0].alive, "the stalled worker registers again", timeout=30)
+        assert front.decode[0].pid == victim.pid
+        streams = _streams_on_both_replicas(served)  # the rejoined replica takes sequences again
+        assert [s.result() for s in streams] == [("ok", 100)] * len(streams)
+        assert _texts(front.engine, GREEDY) == _reference("4x1", "2x2")["greedy"]
+        assert _pages_used(front) == [0, 0]
+    finally:
+        served.close()
+
+
+def test_c_health_is_not_serving_without_a_prefill_worker_and_serving_when_one_joins(tp4_to_tp2):
+    """(c) SIGKILL the only prefill worker: NOT_SERVING within 5 s and requests refused with UNAVAILABLE;
+    SERVING again once a new worker has joined."""
+    front, served = tp4_to_tp2.front, Served(tp4_to_tp2.front)
+    try:
+        assert served.health() == "SERVING" and served.live_workers("prefill") == 1
+        victim = tp4_to_tp2.child("prefill", 0)
+        os.kill(victim.pid, signal.SIGKILL)
+        _wait(lambda: served.health() == "NOT_SERVING", "health reports NOT_SERVING", timeout=5)
+        assert served.live_workers("prefill") == 0
+        assert served.stream("ROMEO:", 4).result() == ("UNAVAILABLE", 0)
+        tp4_to_tp2.rejoin("prefill")
+        _wait(lambda: served.health() == "SERVING", "health reports SERVING again", timeout=300)
+        assert served.live_workers("prefill") == 1
+        assert _texts(front.engine, GREEDY) == _reference("4x1", "2x2")["greedy"]
+    finally:
+        served.close()

@@ -23,6 +23,7 @@ from jdisagg.serving.convert import (
     sampling_params_of,
     unary_response_of,
 )
+from jdisagg.serving.wire import MalformedRequest, reject_wire_type_mismatches
 from jdisagg.v1 import jdisagg_pb2 as pb
 from jdisagg.v1 import jdisagg_pb2_grpc as pb_grpc
 
@@ -67,13 +68,16 @@ class GenerationService(pb_grpc.GenerationServicer):
         return unary_response_of(output)
 
     def _submit(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+        self, request: pb.GenerateRequest | MalformedRequest, context: grpc.ServicerContext
     ) -> tuple[RequestStream, Callable[[], None]]:
         engine = self._engine
         if engine is None or self._closing:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting up" if engine is None
                           else "server is shutting down")
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed GenerateRequest: {request.reason}")
         try:
+            reject_wire_type_mismatches(request)
             reject_unknown_fields(request)
             stream = engine.submit(
                 prompt_of(request),

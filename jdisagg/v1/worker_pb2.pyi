@@ -51,10 +51,28 @@ class RegisterRequest(_message.Message):
     def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("slot",)
+    __slots__ = ("slot", "lease")
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     slot: int
-    def __init__(self, slot: _Optional[int] = ...) -> None: ...
+    lease: int
+    def __init__(self, slot: _Optional[int] = ..., lease: _Optional[int] = ...) -> None: ...
+
+class CheckInRequest(_message.Message):
+    __slots__ = ("role", "slot", "lease")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    slot: int
+    lease: int
+    def __init__(self, role: _Optional[str] = ..., slot: _Optional[int] = ..., lease: _Optional[int] = ...) -> None: ...
+
+class CheckInReply(_message.Message):
+    __slots__ = ("registered",)
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    registered: bool
+    def __init__(self, registered: _Optional[bool] = ...) -> None: ...
 
 class SamplingRow(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")

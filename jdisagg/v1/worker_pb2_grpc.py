@@ -45,6 +45,11 @@ class ControlStub:
                 request_serializer=jdisagg_dot_v1_dot_worker__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=jdisagg_dot_v1_dot_worker__pb2.RegisterReply.FromString,
                 _registered_method=True)
+        self.CheckIn = channel.unary_unary(
+                '/jdisagg.v1.Control/CheckIn',
+                request_serializer=jdisagg_dot_v1_dot_worker__pb2.CheckInRequest.SerializeToString,
+                response_deserializer=jdisagg_dot_v1_dot_worker__pb2.CheckInReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -65,6 +70,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckIn(self, request, context):
+        """A registered worker asks, about once a second, whether it still holds its slot. One that was evicted
+        (silent too long, e.g. a stalled process) learns it here, discards its state and registers again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=jdisagg_dot_v1_dot_worker__pb2.RegisterRequest.FromString,
                     response_serializer=jdisagg_dot_v1_dot_worker__pb2.RegisterReply.SerializeToString,
+            ),
+            'CheckIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckIn,
+                    request_deserializer=jdisagg_dot_v1_dot_worker__pb2.CheckInRequest.FromString,
+                    response_serializer=jdisagg_dot_v1_dot_worker__pb2.CheckInReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class Control:
             '/jdisagg.v1.Control/Register',
             jdisagg_dot_v1_dot_worker__pb2.RegisterRequest.SerializeToString,
             jdisagg_dot_v1_dot_worker__pb2.RegisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jdisagg.v1.Control/CheckIn',
+            jdisagg_dot_v1_dot_worker__pb2.CheckInRequest.SerializeToString,
+            jdisagg_dot_v1_dot_worker__pb2.CheckInReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,11 +3,14 @@
 The front runs the ordinary ``Engine`` (waiting queue, page tables, continuous batching, preemption,
 detokenization, metrics) over ``RemotePrefillReplica``/``RemoteDecodeReplica`` slots: one slot per replica
 of each mesh's DP. Workers join slots by registering (``jdisagg worker --join``, or children that
-``jdisagg launch --processes`` spawns); a slot whose worker dies goes dead and can be joined again.
+``jdisagg launch --processes`` spawns); a slot whose worker dies or stays silent too long goes dead and can
+be joined again — by a new worker, or by the same one once it runs again (it learns of its eviction from
+``CheckIn`` and registers anew).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -32,11 +35,12 @@ log = logging.getLogger("jdisagg.front")
 
 
 class ControlService(wpb_grpc.ControlServicer):
-    """Hands out settings and takes registering workers into free slots of their role."""
+    """Hands out settings, takes registering workers into free slots of their role, answers check-ins."""
 
     def __init__(self, front: Front) -> None:
         self._front = front
         self._lock = threading.Lock()
+        self._leases = itertools.count(1)
         self.kv_dtype: str | None = None  # set by the first worker; all others must match
 
     def GetSettings(self, request: wpb.SettingsRequest, context: grpc.ServicerContext) -> wpb.Settings:
@@ -61,15 +65,23 @@ class ControlService(wpb_grpc.ControlServicer):
                 )
             self.kv_dtype = want["kv_dtype"]
             slots: list[RemoteReplica] = front.prefill if request.role == "prefill" else front.decode
-            free = [s for s in slots if not s.alive]
+            # A worker registering again after an eviction takes its own slot back when it can.
+            free = sorted((s for s in slots if not s.alive or s.address == request.address),
+                          key=lambda s: s.address != request.address)
             if not free:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"all {len(slots)} {request.role} slots have a live worker")
-            slot = free[0]
-            slot.connect(request.address, request.pid)
+            slot, lease = free[0], next(self._leases)
+            slot.connect(request.address, request.pid, lease)
         log.info("%s worker %s (pid %d, %s) registered into slot %d", request.role, request.address,
                  request.pid, request.device, slot.index)
-        return wpb.RegisterReply(slot=slot.index)
+        return wpb.RegisterReply(slot=slot.index, lease=lease)
+
+    def CheckIn(self, request: wpb.CheckInRequest, context: grpc.ServicerContext) -> wpb.CheckInReply:
+        slots = self._front.prefill if request.role == "prefill" else self._front.decode
+        held = 0 <= request.slot < len(slots) and slots[request.slot].alive \
+            and slots[request.slot].lease == request.lease
+        return wpb.CheckInReply(registered=held)
 
 
 class Front:
@@ -81,7 +93,10 @@ class Front:
         rpc_timeout_s: deadline of one worker call (a decode step, a prefill).
         pull_timeout_s: deadline of one KV pull; also how long reserved pages wait for KV that never comes.
         offer_timeout_s: how long a prefill worker keeps KV offered that nobody pulls.
-        heartbeat_s: interval of the liveness probe; a worker that misses ``heartbeat_misses`` is dead.
+        heartbeat_s: interval of the liveness probe (each probe waits as long for its answer).
+        evict_after_s: a worker that answers nothing for this long is evicted. A stall shorter than this
+            (a GC pause, a busy host) only delays the streams on it; a longer one fails them with
+            UNAVAILABLE, and the worker registers again once it runs. A refused connection evicts at once.
     """
 
     def __init__(
@@ -99,7 +114,7 @@ class Front:
         pull_timeout_s: float = 30.0,
         offer_timeout_s: float = 60.0,
         heartbeat_s: float = 1.0,
-        heartbeat_misses: int = 3,
+        evict_after_s: float = 10.0,
     ) -> None:
         from jdisagg.serving.plan import model_config
         from jdisagg.tokenizer import load_tokenizer
@@ -130,9 +145,9 @@ class Front:
             max_queue=max_queue, progress=False,
         )
         self._stop = threading.Event()
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, args=(heartbeat_s, heartbeat_misses),
-                                           name="heartbeat", daemon=True)
-        self._heartbeat.start()
+        for slot in self.slots:  # one prober per slot: a stalled worker must not delay the others' probes
+            threading.Thread(target=self._heartbeat_loop, args=(slot, heartbeat_s, evict_after_s),
+                             name=f"heartbeat-{slot.role}-{slot.index}", daemon=True).start()
         log.info("front: workers join at %s (%d prefill, %d decode slots)", self.address, prefill.dp,
                  decode.dp)
 
@@ -161,19 +176,13 @@ class Front:
                 raise RuntimeError(f"no worker registered for {', '.join(missing)} within {timeout_s:.0f} s")
             time.sleep(0.1)
 
-    def _heartbeat_loop(self, interval: float, misses_allowed: int) -> None:
-        misses = {id(s): 0 for s in self.slots}
+    def _heartbeat_loop(self, slot: RemoteReplica, interval: float, evict_after: float) -> None:
         while not self._stop.wait(interval):
-            for slot in self.slots:
-                if not slot.alive:
-                    misses[id(slot)] = 0
-                    continue
-                if slot.heartbeat(timeout_s=interval * 2):
-                    misses[id(slot)] = 0
-                    continue
-                misses[id(slot)] += 1
-                if misses[id(slot)] >= misses_allowed:
-                    slot.mark_dead(f"{misses_allowed} heartbeats missed")
+            if not slot.alive or slot.heartbeat(timeout_s=interval):
+                continue
+            silent = time.monotonic() - slot.last_seen
+            if silent >= evict_after:
+                slot.mark_dead(f"silent for {silent:.1f} s (evicted after {evict_after:g} s)")
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         self.engine.shutdown(drain=drain, timeout=timeout)

@@ -4,19 +4,23 @@ The engine's stages call these exactly as they call ``PrefillReplica`` and ``Dec
 one RPC. The page allocator of a decode replica stays here, in the front: page tables are host state of
 the one scheduler, so no page is ever accounted in two places and a lost worker cannot leak any.
 
-Status codes from a worker decide what a failure means:
-- UNAVAILABLE (and a heartbeat that times out): the worker is gone. The proxy goes dead, the engine stops
-  routing to it and fails (decode) or retries elsewhere (prefill) what it held; a restarted worker can take
-  the slot again (``connect``).
-- ABORTED, or DEADLINE_EXCEEDED of a KV pull: the hand-off's *other* side was lost; the request fails with
-  UNAVAILABLE, the worker stays.
-- anything else: a bug or a refused hand-off; the request fails with INTERNAL and the message.
+One error contract: every transport failure of a worker call ends the request with
+``WorkerUnavailableError`` (gRPC UNAVAILABLE to the client) and a message naming the worker, so clients that
+retry on UNAVAILABLE retry. Only a worker's own report of a bug (INTERNAL, UNKNOWN) or a refused hand-off
+(FAILED_PRECONDITION) becomes ``RuntimeError`` (INTERNAL). By status code:
+- UNAVAILABLE (refused or reset connection), DEADLINE_EXCEEDED of a call other than a KV pull: the worker is
+  gone. The slot goes dead, the engine stops routing to it and fails (decode) or retries elsewhere (prefill)
+  what it held; the same worker after a stall, or a restarted one, can take the slot again (``connect``).
+- CANCELLED: the front closed the slot's channel (it evicted the worker) while the call was in flight.
+- ABORTED, or DEADLINE_EXCEEDED of a KV pull: the hand-off's *other* side was lost; the worker stays.
+- NOT_FOUND: the worker no longer holds the staged KV (it discarded its state when it re-registered).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,8 +35,7 @@ from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
 
 log = logging.getLogger("jdisagg.front")
 
-_LOST = (grpc.StatusCode.UNAVAILABLE,)
-_PEER_LOST = (grpc.StatusCode.ABORTED,)
+_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def _row(s: SamplingRow) -> wpb.SamplingRow:
@@ -50,23 +53,28 @@ class RemoteReplica:
         self._stub: wpb_grpc.WorkerStub | None = None
         self.address: str | None = None
         self.pid: int | None = None  # the worker's process id on its own host
+        self.lease = 0  # names the current registration (0: none); the worker's CheckIn quotes it
+        self.last_seen = 0.0  # monotonic time of the worker's last answer
 
     @property
     def alive(self) -> bool:
         return self._stub is not None
 
-    def connect(self, address: str, pid: int | None = None) -> None:
-        """Take a freshly registered worker into this slot."""
+    def connect(self, address: str, pid: int | None, lease: int) -> None:
+        """Take a freshly registered worker into this slot (or the same worker again, under a new lease)."""
         with self._lock:
             self._close()
             self._channel = grpc.insecure_channel(address)
             self._stub = wpb_grpc.WorkerStub(self._channel)
-            self.address, self.pid = address, pid
+            self.address, self.pid, self.lease = address, pid, lease
+            self.last_seen = time.monotonic()
         log.info("%s slot %d: worker at %s (pid %s) joined", self.role, self.index, address, pid)
 
-    def mark_dead(self, reason: str) -> None:
+    def mark_dead(self, reason: str, stub: wpb_grpc.WorkerStub | None = None) -> None:
+        """Evict the worker; with ``stub``, only if the slot still holds that connection (a late failure of
+        an old call must not evict the worker that re-registered since)."""
         with self._lock:
-            if self._stub is None:
+            if self._stub is None or (stub is not None and stub is not self._stub):
                 return
             self._close()
         log.warning("%s slot %d: worker at %s lost (%s)", self.role, self.index, self.address, reason)
@@ -81,34 +89,51 @@ class RemoteReplica:
 
     def heartbeat(self, timeout_s: float) -> bool:
         """True if the worker answered. One that refuses connections is marked dead at once; a slow answer
-        is only a miss (the front decides after several)."""
+        is only a miss (the front evicts a worker silent for longer than its eviction time)."""
         stub = self._stub
         if stub is None:
             return False
         try:
             stub.Heartbeat(wpb.Empty(), timeout=timeout_s)
-            return True
         except grpc.RpcError as exc:
-            if exc.code() in _LOST:
-                self.mark_dead(f"heartbeat: {exc.details()}")
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                self.mark_dead(f"heartbeat: {exc.details()}", stub)
             return False
+        except ValueError:  # the channel was closed under us: the slot went dead meanwhile
+            return False
+        self.last_seen = time.monotonic()
+        return True
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        stub = self._stub
+        stub, name = self._stub, f"{self.role} worker {self.index} ({self.address})"
         if stub is None:
             raise WorkerUnavailableError(f"{self.role} worker {self.index} is down")
         try:
-            return getattr(stub, method)(request, timeout=timeout or self._timeout)
+            reply = getattr(stub, method)(request, timeout=timeout or self._timeout)
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()
-            if code in _LOST or (code is grpc.StatusCode.DEADLINE_EXCEEDED and method != "Pull"):
-                self.mark_dead(f"{code.name}: {details}")
-                raise WorkerUnavailableError(
-                    f"{self.role} worker {self.index} ({self.address}) was lost: {details}"
-                ) from exc
-            if code in _PEER_LOST or code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise WorkerUnavailableError(f"KV hand-off failed: {details}") from exc
-            raise RuntimeError(f"{self.role} worker {self.index}: {code.name}: {details}") from exc
+            raise self._failure(method, name, stub, exc.code(), exc.details()) from exc
+        except ValueError as exc:  # "Cannot invoke RPC on closed channel": evicted between lookup and call
+            if self._stub is stub:
+                raise
+            raise WorkerUnavailableError(f"{name} was evicted: {exc}") from exc
+        self.last_seen = time.monotonic()
+        return reply
+
+    def _failure(
+        self, method: str, name: str, stub: wpb_grpc.WorkerStub, code: grpc.StatusCode, details: str
+    ) -> Exception:
+        """The exception one failed call ends its requests with (see the module docstring)."""
+        deadline = code is grpc.StatusCode.DEADLINE_EXCEEDED
+        if code is grpc.StatusCode.ABORTED or (deadline and method == "Pull"):
+            return WorkerUnavailableError(f"KV hand-off failed on {name}: {details}")
+        if code is grpc.StatusCode.NOT_FOUND:
+            return WorkerUnavailableError(f"{name} lost its staged KV (it re-registered since): {details}")
+        if code is grpc.StatusCode.CANCELLED:
+            return WorkerUnavailableError(f"{name} was evicted during {method}: {details}")
+        if code in _LOST:
+            self.mark_dead(f"{method}: {code.name}: {details}", stub)
+            return WorkerUnavailableError(f"{name} was lost during {method}: {code.name}: {details}")
+        return RuntimeError(f"{name}: {code.name}: {details}")
 
 
 class RemotePrefillReplica(RemoteReplica):

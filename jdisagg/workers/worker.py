@@ -23,6 +23,7 @@ import grpc
 
 from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
+from jdisagg.workers.membership import Membership, RegistrationRefused
 
 log = logging.getLogger("jdisagg.worker")
 
@@ -105,6 +106,9 @@ class WorkerService(wpb_grpc.WorkerServicer):
         self._staged: dict[int, tuple[Any, Any]] = {}
         self._next_id = 1
         self._lock = threading.Lock()
+        # Pools are replaced by Insert/Step and by Reset: a reset must never interleave with a step that
+        # the front abandoned when it evicted this worker and that finishes only after the stall.
+        self._pools = threading.Lock()
 
     def _require(self, role: str, context: grpc.ServicerContext) -> None:
         if self.role != role:
@@ -122,6 +126,8 @@ class WorkerService(wpb_grpc.WorkerServicer):
             token, logprob, (k, v) = self._replica.run(
                 list(request.token_ids), SamplingRow(s.temperature, s.top_k, s.top_p, s.seed), request.forced
             )
+            if not context.is_active():  # the front gave up on this call (e.g. evicted us mid-stall):
+                return wpb.PrefillReply()  # nobody would ever pull an offer, so make none
             offer = self._sender.offer(k, v)
             return wpb.PrefillReply(token=int(token[0]), logprob=float(logprob[0]), offer=offer)
 
@@ -142,7 +148,8 @@ class WorkerService(wpb_grpc.WorkerServicer):
         with _rpc_errors(context):
             with self._lock:
                 kv = self._staged.pop(request.staged.id)
-            self._replica.insert(kv, list(request.pages))
+            with self._pools:
+                self._replica.insert(kv, list(request.pages))
             return wpb.Empty()
 
     def Discard(self, request: wpb.StagedKV, context: grpc.ServicerContext) -> wpb.Empty:
@@ -159,7 +166,7 @@ class WorkerService(wpb_grpc.WorkerServicer):
             pages.append(list(request.page_ids[offset : offset + count]))
             offset += count
         rows = [SamplingRow(s.temperature, s.top_k, s.top_p, s.seed) for s in request.sampling]
-        with _rpc_errors(context):
+        with _rpc_errors(context), self._pools:
             tokens, logprobs = self._replica.step(
                 list(request.tokens), list(request.positions), pages, rows, list(request.forced)
             )
@@ -167,10 +174,17 @@ class WorkerService(wpb_grpc.WorkerServicer):
 
     def Reset(self, request: wpb.Empty, context: grpc.ServicerContext) -> wpb.Empty:
         self._require("decode", context)
+        self.discard_state()
+        return wpb.Empty()
+
+    def discard_state(self) -> None:
+        """Forget everything the front may have handed over (after a failed step, or an eviction the front
+        has already failed its requests for): staged KV and, on decode, the pools' contents."""
         with self._lock:
             self._staged.clear()
-        self._replica.reset_pools()
-        return wpb.Empty()
+        if self.role == "decode":
+            with self._pools:
+                self._replica.reset_pools()
 
 
 def _settings(join: str, role: str, wait_s: float = 60.0) -> wpb.Settings:
@@ -259,25 +273,25 @@ def run_worker(opts: WorkerOptions) -> int:
         raise WorkerStartError(f"cannot listen on {opts.host}:{opts.port}: {exc}") from exc
     server.start()
     address = f"{opts.host}:{port}"
-    with grpc.insecure_channel(opts.join) as channel:
-        try:
-            reply = wpb_grpc.ControlStub(channel).Register(
-                wpb.RegisterRequest(role=opts.role, address=address, fingerprint=print_, device=device,
-                                    pid=os.getpid()),
-                timeout=30.0,
-            )
-        except grpc.RpcError as exc:
-            server.stop(0)
-            raise WorkerStartError(f"the front refused this worker: {exc.details()}") from exc
-    log.info("%s worker on %s is slot %d of the front at %s", opts.role, address, reply.slot, opts.join)
-    print(f"jdisagg worker: {opts.role} slot {reply.slot} on {address}", flush=True)
-    _wait_for_stop(opts.exit_with_parent)
+    membership = Membership(opts.join, wpb.RegisterRequest(
+        role=opts.role, address=address, fingerprint=print_, device=device, pid=os.getpid()))
+    try:
+        slot = membership.register()
+    except RegistrationRefused as exc:
+        server.stop(0)
+        membership.close()
+        raise WorkerStartError(f"the front refused this worker: {exc}") from exc
+    log.info("%s worker on %s is slot %d of the front at %s", opts.role, address, slot, opts.join)
+    print(f"jdisagg worker: {opts.role} slot {slot} on {address}", flush=True)
+    stop = threading.Event()
+    membership.start(stop, service.discard_state)
+    _wait_for_stop(opts.exit_with_parent, stop)
+    membership.close()
     server.stop(2.0).wait()
     return 0
 
 
-def _wait_for_stop(exit_with_parent: bool) -> None:
-    stop = threading.Event()
+def _wait_for_stop(exit_with_parent: bool, stop: threading.Event) -> None:
     handler: Callable[[int, Any], None] = lambda signum, frame: stop.set()  # noqa: E731
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
