@@ -60,6 +60,36 @@ def _add_layout_flags(p: argparse.ArgumentParser) -> None:
                         "disaggregation is measured against)")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Serving dtypes and the compile cache: the same flags on a launch and on a worker."""
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="params and activations; auto: bfloat16 on GPU/TPU, the checkpoint's dtype on CPU "
+                        "(default: %(default)s)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="KV-cache pages: the model's dtype (auto) or bfloat16 (default: %(default)s)")
+    p.add_argument("--compile-cache", metavar="DIR|off", default=None,
+                   help="JAX persistent compilation cache: a second launch with the same model, meshes "
+                        "and sizes loads its programs instead of compiling them (default: "
+                        "$XDG_CACHE_HOME/jdisagg/xla, i.e. ~/.cache/jdisagg/xla)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_PROG, description="Disaggregated prefill/decode LLM serving on JAX.")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -93,11 +123,19 @@ def _build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--page-size", type=_positive, default=16,
                         help="tokens per KV-cache page, a power of two (default: %(default)s)")
     launch.add_argument("--num-pages", type=_positive, default=None,
-                        help="KV-cache pages per decode replica (default: enough for every batch slot to "
-                             "hold a full context)")
+                        help="KV-cache pages per decode replica; overrides --kv-cache-gb and "
+                             "--memory-fraction")
     launch.add_argument("--max-context", type=_positive, default=None,
                         help="longest sequence, prompt + output, a multiple of --page-size (default: the "
                              "model's positions, at most 1024)")
+    _add_model_flags(launch)
+    launch.add_argument("--kv-cache-gb", type=_positive_float, default=None, metavar="GB",
+                        help="KV-cache budget per decode device in GiB: the way to size the cache on CPU, "
+                             "which reports no memory (default on CPU: every batch slot holds a full "
+                             "context)")
+    launch.add_argument("--memory-fraction", type=_fraction, default=None, metavar="F",
+                        help="GPU/TPU: share of each decode device's memory for params, KV cache and "
+                             "workspace; the KV cache gets what is left (default: 0.9)")
     launch.add_argument("--max-queue", type=_positive, default=256,
                         help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED "
                              "(default: %(default)s)")
@@ -149,6 +187,7 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--offer-timeout", type=float, default=None,
                         help="seconds a prefill worker keeps KV offered that no decode worker pulls "
                              "(default: the front's, 60 s unless it was started with another)")
+    _add_model_flags(worker)
     worker.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(run=_worker)

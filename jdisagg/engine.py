@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import queue
 import random
 import threading
@@ -30,7 +29,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,8 +39,10 @@ from tqdm import tqdm
 from jdisagg.compile_counter import compile_count
 from jdisagg.errors import EngineClosedError, QueueFullError, WorkerUnavailableError
 from jdisagg.kv_cache import OutOfPages, pages_needed
-from jdisagg.meshes import Layout, build_layout, check_fits
+from jdisagg.memory import KVShape, decode_workspace, plan_kv_pages, resolve_kv_cache_dtype
+from jdisagg.meshes import PHASE_RULES, Layout, build_layout, check_fits, param_sharding_fn
 from jdisagg.metrics import EngineMetrics, model_name_of
+from jdisagg.models.loading import ModelSource, load_model
 from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
 from jdisagg.replicas import (
     DecodeReplica,
@@ -90,30 +90,17 @@ class _DetokState:
     stopped: bool = False
 
 
-def load_model(model: Any, tokenizer: Tokenizer | None = None) -> tuple[nnx.Module, Tokenizer]:
-    """Resolve ``model``: None (built-in demo), a checkpoint directory, or a ready ``nnx.Module``."""
-    if isinstance(model, nnx.Module):
-        if tokenizer is None:
-            raise ValueError("a model passed as a module needs a tokenizer (Engine(model, tokenizer=...))")
-        return model, tokenizer
-    from jdisagg.models import loading
-    from jdisagg.models.demo import load_demo_model
-    from jdisagg.tokenizer import ByteTokenizer, load_tokenizer
-
-    if model is None:
-        return load_demo_model(), tokenizer or ByteTokenizer()
-    if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if not path.is_dir():
-            raise ValueError(f"model directory {str(path)!r} does not exist")
-        if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
-            module = loading.load_hf_model(path)
-        else:
-            module = loading.restore_checkpoint(path)
-        return module, tokenizer or load_tokenizer(path)
-    raise ValueError(
-        f"model must be None, a checkpoint directory or an nnx.Module, got {type(model).__name__}"
-    )
+def _load_onto(
+    source: ModelSource, mesh: Any, phase: str, loaded: dict[Any, tuple[nnx.GraphDef, Any]]
+) -> tuple[nnx.GraphDef, Any]:
+    """One replica's params, read straight into the phase's sharding on its mesh (each device reads only
+    its own slice), split into the graph and the state its programs take. Replicas with the same devices
+    and rules (colocated prefill and decode) share one copy through ``loaded``."""
+    key = (tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()), PHASE_RULES[phase])
+    if key not in loaded:
+        heads = {"num_heads": source.config.num_heads, "num_kv_heads": source.config.num_kv_heads}
+        loaded[key] = nnx.split(source.load(param_sharding_fn(mesh, PHASE_RULES[phase], heads)))
+    return loaded[key]
 
 
 class Engine:
@@ -124,8 +111,13 @@ class Engine:
             or an ``nnx.Module`` implementing ``jdisagg.models.protocol.ServingModel`` (bring your own).
         prefill_mesh / decode_mesh: ``TPxDP`` specs, e.g. ``"4x1"`` and ``"2x2"``.
         colocate: run both phases on the same devices (the baseline disaggregation is measured against).
-        page_size: tokens per KV page. num_pages: pages per decode replica (default: every batch slot can
-            hold a full context). max_batch: sequences per decode replica and step.
+        page_size: tokens per KV page. max_batch: sequences per decode replica and step.
+        num_pages: pages per decode replica; overrides the two budgets below.
+        kv_cache_gb: KV budget per decode device (the way to size the cache on CPU, which reports no
+            memory). memory_fraction: share of each decode device's memory for params + KV + workspace
+            (default 0.9 on GPU/TPU). With none of the three on CPU: every batch slot holds a full context.
+        dtype: params and activations, ``auto`` (bfloat16 on GPU/TPU, the checkpoint's dtype on CPU),
+            ``bfloat16``, ``float16`` or ``float32``. kv_cache_dtype: ``auto`` (the model's) or ``bfloat16``.
         max_context: longest sequence (prompt + output), a multiple of ``page_size``.
         max_queue: waiting requests before ``submit`` raises ``QueueFullError``.
         attention_backend: paged-attention backend for ``jdisagg.kernels`` (None: by platform).
@@ -151,14 +143,20 @@ class Engine:
         attention_backend: str | None = None,
         progress: bool = True,
         devices: Sequence[jax.Device] | None = None,
+        dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
+        kv_cache_gb: float | None = None,
+        memory_fraction: float | None = None,
         served_model_name: str | None = None,
     ) -> None:
         if devices is None:
             provide_cpu_devices(devices_needed(prefill_mesh, decode_mesh, colocate))
         self.layout: Layout = build_layout(prefill_mesh, decode_mesh, colocate=colocate, devices=devices)
         self.model_name = served_model_name or model_name_of(model)
-        module, self.tokenizer = load_model(model, tokenizer)
-        self.config = config = module.config
+        decode_devices = [d for mesh in self.layout.decode.replicas for d in mesh.devices.flat]
+        platform = decode_devices[0].platform
+        source, self.tokenizer = load_model(model, tokenizer, dtype=dtype, platform=platform)
+        self.config = config = source.config
         for phase in (self.layout.prefill, self.layout.decode):
             check_fits(
                 phase.spec, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, phase=phase.name
@@ -168,24 +166,38 @@ class Engine:
         )
         self.page_size, self.max_batch, self.max_queue = page_size, max_batch, max_queue
         self.max_context = sizes.max_context
-        graphdef, state = nnx.split(module)
+        kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, str(config.dtype))
         log.info("%s", self.layout.describe())
+        log.info("loading %s in %s (KV cache in %s)", source.description, config.dtype, kv_dtype)
         placed = tqdm(
-            desc="placing params",
+            desc="loading params",
             total=len(self.layout.prefill.replicas) + len(self.layout.decode.replicas),
             disable=not progress,
             unit="replica",
         )
-        prefill = []
+        prefill, decode_params, loaded = [], [], {}
         for i, mesh in enumerate(self.layout.prefill.replicas):
-            prefill.append(build_prefill_replica(i, mesh, graphdef, state, sizes))
+            params = _load_onto(source, mesh, "prefill", loaded)
+            prefill.append(build_prefill_replica(i, mesh, *params, sizes))
             placed.update()
-        decode = []
-        for i, mesh in enumerate(self.layout.decode.replicas):
-            decode.append(build_decode_replica(i, mesh, graphdef, state, sizes, attention_backend))
+        for mesh in self.layout.decode.replicas:
+            decode_params.append(_load_onto(source, mesh, "decode", loaded))
             placed.update()
+        del loaded
         placed.close()
-        del state, module
+        kv = KVShape(config.num_layers, config.num_kv_heads, config.head_dim, self.layout.decode.spec.tp,
+                     kv_dtype)
+        sizes = plan_kv_pages(
+            sizes, kv, devices=decode_devices, num_pages=num_pages, kv_cache_gb=kv_cache_gb,
+            memory_fraction=memory_fraction,
+            workspace=lambda: decode_workspace(*decode_params[0], self.layout.decode.replicas[0], sizes, kv,
+                                               attention_backend),
+        )
+        decode = [
+            build_decode_replica(i, mesh, graphdef, state, sizes, attention_backend, kv_dtype)
+            for i, (mesh, (graphdef, state)) in enumerate(zip(self.layout.decode.replicas, decode_params,
+                                                              strict=True))
+        ]
         self._start(prefill, decode, progress)
 
     @classmethod

@@ -194,7 +194,7 @@ class DecodeReplica:
             def run() -> None:
                 kv = jax.ShapeDtypeStruct(
                     (s.num_layers, length, s.num_kv_heads, s.head_dim),
-                    self._kv_dtype,
+                    jax.tree.leaves(self._state)[0].dtype,  # prefill hands KV over in the model's dtype
                     sharding=self.kv_sharding,
                 )
                 self._insert[length] = compile_insert(
@@ -290,9 +290,10 @@ def build_decode_replica(
     state: Any,
     sizes: ServingSizes,
     attention_backend: str | None,
+    kv_dtype: str | None = None,
 ) -> DecodeReplica:
-    """Place the params on ``mesh`` with the decode rules and allocate its page pools (KV in the params'
-    dtype)."""
+    """Place the params on ``mesh`` with the decode rules and allocate its page pools (KV in ``kv_dtype``,
+    default the params' dtype)."""
     shape = model_shape(graphdef, state)
     params = place_params(state, mesh, PHASE_RULES["decode"], shape)
     return DecodeReplica(
@@ -307,5 +308,5 @@ def build_decode_replica(
         prefill_buckets=sizes.prefill_buckets,
         batch_buckets=sizes.batch_buckets,
         attention_backend=attention_backend,
-        kv_dtype=jax.tree.leaves(state)[0].dtype,
+        kv_dtype=jnp.dtype(kv_dtype or jax.tree.leaves(state)[0].dtype),
     )

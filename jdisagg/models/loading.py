@@ -5,16 +5,22 @@ each param directly in its target sharding, each device reading only its slice, 
 device (or than host memory, for the HF path) is never materialised whole anywhere. ``shardings(path,
 shape)`` names the sharding of each param by its ``/``-joined path (``layers/0/self_attn/q_proj/kernel``),
 the same paths ``jdisagg.meshes.rules`` matches. Without it, params go to the default device.
+
+``load_model`` resolves what a user names (nothing, a directory, a module) into a ``ModelSource``: its
+config in the serving dtype, and a ``load(shardings)`` that each replica calls with its own sharding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +34,123 @@ from tqdm.auto import tqdm
 from jdisagg.models.config import ModelConfig
 from jdisagg.models.llama import Llama
 from jdisagg.models.naming import IGNORED_SUFFIXES, HFTensor, hf_tensor, param_path
-from jdisagg.models.safetensors_reader import SINGLE_FILE, SafetensorsReader
+from jdisagg.models.safetensors_reader import INDEX_FILE, SINGLE_FILE, SafetensorsReader
+
+if TYPE_CHECKING:
+    from jdisagg.tokenizer import Tokenizer
 
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
+log = logging.getLogger(__name__)
+
 _STATE_DIR = "state"
 _CONFIG_FILE = "config.json"
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved but not yet loaded: its config (in the serving dtype) and how to load its params.
+
+    Every replica calls ``load`` with its own sharding, so each device reads only its slice of each param
+    straight from the checkpoint: no device ever holds a whole copy of a param its sharding splits, and no
+    replica's params pass through another device first.
+    """
+
+    config: Any  # a ModelConfig, or the config of a module brought along
+    description: str
+    _load: Callable[[ShardingFn | None], nnx.Module]
+
+    def load(self, shardings: ShardingFn | None = None) -> nnx.Module:
+        return self._load(shardings)
+
+
+def load_model(
+    model: Any, tokenizer: Tokenizer | None = None, *, dtype: str = "auto", platform: str | None = None
+) -> tuple[ModelSource, Tokenizer]:
+    """Resolve ``model``: None (built-in demo), a checkpoint directory, or a ready ``nnx.Module``.
+
+    ``dtype`` is the serving dtype of params and activations (``DTYPES``): ``auto`` is bfloat16 on an
+    accelerator and the checkpoint's own dtype on CPU (``platform`` of the serving devices, default JAX's
+    default backend). A module brought along serves in its own dtype. Raises ValueError for bad input.
+    """
+    from jdisagg.models.demo import DEMO_CONFIG, DEMO_DIR
+    from jdisagg.tokenizer import ByteTokenizer, load_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if isinstance(model, nnx.Module):
+        if tokenizer is None:
+            raise ValueError("a model passed as a module needs a tokenizer (Engine(model, tokenizer=...))")
+        return _module_source(model, dtype), tokenizer
+    platform = platform or jax.default_backend()
+    if model is None:
+        config = _with_dtype(DEMO_CONFIG, serving_dtype(dtype, DEMO_CONFIG.dtype, platform))
+        if (DEMO_DIR / SINGLE_FILE).exists():
+            return _hf_source(DEMO_DIR, config, "the built-in demo model"), tokenizer or ByteTokenizer()
+        log.warning("demo weights %s not found: serving an untrained (random) demo model", DEMO_DIR)
+        return ModelSource(config, "a random demo model", lambda shardings: init_model(
+            config, 0, shardings=shardings)), tokenizer or ByteTokenizer()
+    if not isinstance(model, str | os.PathLike):
+        raise ValueError(
+            f"model must be None, a checkpoint directory or an nnx.Module, got {type(model).__name__}"
+        )
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"model directory {str(path)!r} does not exist")
+    stored = ModelConfig.from_hf(path / _CONFIG_FILE)
+    config = _with_dtype(stored, serving_dtype(dtype, stored.dtype, platform))
+    if (path / SINGLE_FILE).exists() or (path / INDEX_FILE).exists():
+        source = _hf_source(path, config, str(path))
+    else:
+        source = ModelSource(config, str(path), lambda shardings: restore_checkpoint(
+            path, shardings=shardings, param_dtype=config.dtype))
+    return source, tokenizer or load_tokenizer(path)
+
+
+def serving_dtype(requested: str, checkpoint: str, platform: str) -> str:
+    """``auto`` -> bfloat16 on GPU/TPU (what they are fast at), the checkpoint's dtype on CPU."""
+    if requested != "auto":
+        return requested
+    return checkpoint if platform == "cpu" else "bfloat16"
+
+
+def _hf_source(path: Path, config: ModelConfig, description: str) -> ModelSource:
+    def load(shardings: ShardingFn | None) -> Llama:
+        return load_hf_model(path, shardings=shardings, param_dtype=config.dtype, progress=False)
+
+    return ModelSource(config, description, load)
+
+
+def _module_source(module: nnx.Module, dtype: str) -> ModelSource:
+    """A module brought along: each replica gets its own copy of its params, placed in its sharding."""
+    graphdef, state = nnx.split(module)
+    own = jax.tree.leaves(state)[0].dtype
+    if dtype != "auto" and jnp.dtype(dtype) != own:
+        raise ValueError(f"a model passed as a module serves in its own dtype ({own}), not {dtype}")
+
+    def load(shardings: ShardingFn | None) -> nnx.Module:
+        if shardings is None:
+            return module
+
+        def place(keypath: tuple[Any, ...], x: jax.Array) -> jax.Array:
+            return jax.device_put(x, shardings(_keypath_name(keypath), tuple(x.shape)))
+
+        return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
+
+    return ModelSource(module.config, type(module).__name__, load)
+
+
+def _keypath_name(keypath: tuple[Any, ...]) -> str:
+    """``layers/0/self_attn/q_proj/kernel`` from a pytree key path of an nnx.State."""
+    parts = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+    return "/".join(parts)
 
 
 def load_hf_model(
@@ -86,10 +203,15 @@ def save_checkpoint(model: Llama, path: str | Path) -> None:
     _write_config(_with_dtype(model.config, next(iter(params.values())).dtype), path)
 
 
-def restore_checkpoint(path: str | Path, *, shardings: ShardingFn | None = None) -> Llama:
-    """Restore a ``save_checkpoint`` directory, each param read straight into its sharding."""
+def restore_checkpoint(
+    path: str | Path, *, shardings: ShardingFn | None = None, param_dtype: DTypeLike | None = None
+) -> Llama:
+    """Restore a ``save_checkpoint`` directory, each param read straight into its sharding.
+
+    ``param_dtype`` overrides the saved dtype (orbax casts each shard as it reads it).
+    """
     path = Path(path).absolute()
-    config = ModelConfig.from_hf(path / _CONFIG_FILE)
+    config = _with_dtype(ModelConfig.from_hf(path / _CONFIG_FILE), param_dtype)
     graphdef, flat = _abstract(config)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = _nested({

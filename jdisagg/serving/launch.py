@@ -46,6 +46,11 @@ class LaunchOptions:
     prefill_cpus: str | None = None
     decode_cpus: str | None = None
     worker_devices: int | None = None
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    kv_cache_gb: float | None = None  # per decode device
+    memory_fraction: float | None = None  # of each decode device's memory (GPU/TPU)
+    compile_cache: str | None = None  # a directory, "off", or None for the default directory
     tokenizer: str | None = None  # a tokenizer.json or a directory holding one; None: the model's
     served_model_name: str | None = None  # the metrics' model_name; None: the model directory's name
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off
@@ -62,14 +67,17 @@ def launch(opts: LaunchOptions) -> int:
 
     import jax
 
+    from jdisagg.compile_cache import enable_compile_cache
     from jdisagg.meshes import build_layout, parse_mesh_spec
     from jdisagg.serving.server import GenerationServer, host_port
 
     meshes = choose_meshes(opts.prefill_mesh, opts.decode_mesh, opts.colocate, jax.device_count())
     try:  # cheap checks first, so a typo does not cost a model load
+        enable_compile_cache(opts.compile_cache)
         if opts.processes:
             if opts.colocate:
                 raise ValueError("--processes runs prefill and decode in separate workers: drop --colocate")
+            _check_process_options(opts)
             if opts.tokenizer:
                 raise ValueError("--tokenizer is not passed on to --processes workers yet: put the "
                                  "tokenizer.json into the model directory instead")
@@ -127,7 +135,9 @@ def _start_engine(opts: LaunchOptions, meshes) -> Engine:
         prefill_mesh=meshes.prefill, decode_mesh=meshes.decode, colocate=meshes.colocate,
         page_size=opts.page_size, num_pages=opts.num_pages, max_batch=opts.max_batch,
         max_context=opts.max_context, max_queue=opts.max_queue,
-        attention_backend=opts.attention_backend, progress=opts.progress,
+        attention_backend=opts.attention_backend, progress=opts.progress, dtype=opts.dtype,
+        kv_cache_dtype=opts.kv_cache_dtype, kv_cache_gb=opts.kv_cache_gb,
+        memory_fraction=opts.memory_fraction,
     )
 
 
@@ -142,6 +152,18 @@ def _start_http(opts: LaunchOptions) -> HTTPServer:
         opts.host, opts.http_port, opts.served_model_name or model_name_of(opts.model),
         ChatTemplate.for_model(opts.model, opts.chat_template), GenerationDefaults.for_model(opts.model),
     )
+
+
+def _check_process_options(opts: LaunchOptions) -> None:
+    """Spawned workers serve in their default dtypes and the front sizes pages by count only (it cannot
+    see the workers' devices): refuse what would be silently ignored."""
+    ignored = [flag for flag, value, default in (
+        ("--dtype", opts.dtype, "auto"), ("--kv-cache-dtype", opts.kv_cache_dtype, "auto"),
+        ("--kv-cache-gb", opts.kv_cache_gb, None), ("--memory-fraction", opts.memory_fraction, None),
+    ) if value != default]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)} not supported with --processes yet: size the cache with "
+                         "--num-pages (workers started by hand take --dtype/--kv-cache-dtype)")
 
 
 def _start_processes(opts: LaunchOptions, meshes) -> tuple[Engine, Callable[[float], None]]:

@@ -46,6 +46,9 @@ class WorkerOptions:
     offer_timeout: float | None  # None: the front's
     progress: bool
     exit_with_parent: bool
+    dtype: str = "auto"  # params and activations; must match the other role's workers (fingerprint)
+    kv_cache_dtype: str = "auto"  # decode: the page pools' dtype
+    compile_cache: str | None = None  # a directory, "off", or None for the default directory
     tokenizer: str | None = None  # a tokenizer.json (or its directory) for a checkpoint that has none
 
 
@@ -208,8 +211,9 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     from jax.sharding import Mesh
     from tqdm import tqdm
 
-    from jdisagg.engine import load_model
-    from jdisagg.meshes import TP_AXIS, MeshSpec, check_fits
+    from jdisagg.memory import resolve_kv_cache_dtype
+    from jdisagg.meshes import PHASE_RULES, TP_AXIS, MeshSpec, check_fits, param_sharding_fn
+    from jdisagg.models.loading import load_model
     from jdisagg.replicas import build_decode_replica, build_prefill_replica
     from jdisagg.sizes import ServingSizes
     from jdisagg.tokenizer import HFTokenizer
@@ -221,27 +225,31 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
                                f"{len(devices)} (on CPU: drop XLA_FLAGS' device count, or set it to "
                                f"{settings.tp}; on GPUs: make {settings.tp} visible)")
     model = opts.model or settings.model or None
-    tokenizer = HFTokenizer.from_file(opts.tokenizer) if opts.tokenizer else None
-    module, _ = load_model(model, tokenizer)
-    config = module.config
     try:
+        tokenizer = HFTokenizer.from_file(opts.tokenizer) if opts.tokenizer else None
+        source, _ = load_model(model, tokenizer, dtype=opts.dtype, platform=devices[0].platform)
+        config = source.config
         check_fits(MeshSpec(settings.tp, 1), num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                    phase=opts.role)
+        cache_dtype = resolve_kv_cache_dtype(opts.kv_cache_dtype, str(config.dtype))
     except ValueError as exc:
         raise WorkerStartError(str(exc)) from exc
     from flax import nnx
 
-    graphdef, state = nnx.split(module)
-    kv_dtype = str(jax.tree.leaves(state)[0].dtype)
-    sizes = ServingSizes(settings.page_size, settings.max_batch, settings.max_context, settings.num_pages)
     mesh = Mesh(np.array(devices[: settings.tp]), (TP_AXIS,))
+    heads = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads}
+    # Each device reads only its slice of each param, straight into this role's sharding.
+    graphdef, state = nnx.split(source.load(param_sharding_fn(mesh, PHASE_RULES[opts.role], heads)))
+    kv_dtype = str(jax.tree.leaves(state)[0].dtype)  # the hand-off's: what prefill produces
+    sizes = ServingSizes(settings.page_size, settings.max_batch, settings.max_context, settings.num_pages)
     if opts.role == "prefill":
         replica = build_prefill_replica(0, mesh, graphdef, state, sizes)
         offer_timeout = settings.offer_timeout_s if opts.offer_timeout is None else opts.offer_timeout
         sender = KVSender(opts.host, offer_timeout)
         service = WorkerService("prefill", replica, sender=sender)
     else:
-        replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None)
+        replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None,
+                                       cache_dtype)
         expected = ExpectedKV(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
                               sizes.prefill_buckets)
         receiver = KVReceiver(opts.host, mesh, replica.kv_sharding, expected)
@@ -263,6 +271,12 @@ def run_worker(opts: WorkerOptions) -> int:
     from jdisagg.serving.devices import request_host_devices
 
     request_host_devices(max(opts.devices or settings.tp, settings.tp))
+    from jdisagg.compile_cache import enable_compile_cache
+
+    try:
+        enable_compile_cache(opts.compile_cache)
+    except ValueError as exc:
+        raise WorkerStartError(str(exc)) from exc
     service, print_, device = _build(opts, settings)
     server = grpc.server(ThreadPoolExecutor(16, thread_name_prefix="worker-rpc"),
                          options=[("grpc.so_reuseport", 0)])

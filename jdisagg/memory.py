@@ -1,0 +1,190 @@
+"""How many KV pages a decode replica gets: from the memory its devices have left, or from a stated budget.
+
+On GPU/TPU, ``device.memory_stats()`` says how much memory a device has and how much is already taken (the
+params of every replica placed on it); the pages get ``fraction`` of the memory minus that, minus a
+workspace reserve measured from the compiled decode program (its temporaries: activations, the gathered
+KV of the attention fallback). CPU devices report no stats, so there the budget is stated in bytes.
+Either way the page count is per decode device, so every device of a replica gets the same number of pages,
+and a budget that cannot hold one full-context sequence is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jdisagg.kv_cache import kv_sharding
+from jdisagg.meshes import stored_kv_heads
+from jdisagg.programs import compile_decode
+from jdisagg.sizes import ServingSizes
+
+log = logging.getLogger("jdisagg.memory")
+
+GIB = 1 << 30
+DEFAULT_MEMORY_FRACTION = 0.9  # of each decode device's memory, on GPU/TPU
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one KV page costs on one device of a decode replica."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    tp: int
+    dtype: str
+
+    def page_bytes(self, page_size: int) -> int:
+        """Bytes of one page (k and v, every layer) on one device: kv heads split over tp when they divide
+        (after repeating them up to tp when there are fewer), else every device stores them all."""
+        stored = stored_kv_heads(self.num_kv_heads, self.tp)
+        local = stored // self.tp if stored % self.tp == 0 else stored
+        return 2 * self.num_layers * local * page_size * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """The page count and the numbers it came from, for the start-up log and for refusals."""
+
+    num_pages: int  # scratch page included
+    budget_bytes: int  # per decode device
+    page_bytes: int  # per decode device
+    page_size: int
+    max_context: int
+    source: str  # where the budget came from, in words
+
+    @property
+    def tokens(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+    @property
+    def full_context_sequences(self) -> int:
+        return (self.num_pages - 1) // (self.max_context // self.page_size)
+
+    def describe(self) -> str:
+        return (f"KV cache: {self.num_pages - 1} pages of {self.page_size} tokens per decode replica "
+                f"({self.tokens} tokens, {self.full_context_sequences} concurrent sequences at the full "
+                f"context of {self.max_context}; {self.budget_bytes / GIB:.3g} GiB per decode device from "
+                f"{self.source}, {self.page_bytes} bytes per page)")
+
+
+def pages_for_budget(
+    budget_bytes: int, kv: KVShape, *, page_size: int, max_context: int, source: str
+) -> KVPlan:
+    """The pages a per-device budget holds (plus the scratch page, which the budget also pays for).
+
+    Raises ValueError, naming the numbers, when not even one full-context sequence fits.
+    """
+    page_bytes = kv.page_bytes(page_size)
+    num_pages = max(budget_bytes, 0) // page_bytes
+    plan = KVPlan(num_pages, budget_bytes, page_bytes, page_size, max_context, source)
+    need = max_context // page_size + 1
+    if num_pages < need:
+        raise ValueError(
+            f"KV budget of {budget_bytes / GIB:.3g} GiB per decode device ({source}) holds {num_pages} "
+            f"pages of {page_bytes} bytes; one sequence of the full context {max_context} needs {need} "
+            f"(page_size {page_size}, scratch page included): give more memory, or lower max_context"
+        )
+    return plan
+
+
+def budget_from_memory(
+    devices: Sequence[jax.Device], fraction: float, workspace: Callable[[], int]
+) -> tuple[int, int]:
+    """``fraction`` of the smallest device's memory, minus what is in use there, minus the workspace
+    (measured only once the devices are known to report their memory); returns (budget, workspace).
+
+    Raises ValueError on a platform whose devices report no memory stats (CPU).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {fraction}")
+    stats = [device.memory_stats() for device in devices]
+    if not all(s and "bytes_limit" in s for s in stats):
+        raise ValueError(f"{devices[0].platform} devices report no memory stats: state the KV budget "
+                         "instead (kv_cache_gb / --kv-cache-gb) or the page count (--num-pages)")
+    reserve = workspace()
+    return min(int(fraction * s["bytes_limit"]) - s["bytes_in_use"] for s in stats) - reserve, reserve
+
+
+def workspace_bytes(compiled: jax.stages.Compiled) -> int:
+    """Temporary memory one run of a compiled program needs beyond its arguments and outputs."""
+    analysis = compiled.memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+
+
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_kv_cache_dtype(requested: str, model_dtype: str) -> str:
+    """``auto`` is the model's dtype; otherwise the model's dtype or bfloat16 (half the bytes of float32)."""
+    if requested not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {requested!r}")
+    chosen = model_dtype if requested == "auto" else requested
+    if chosen not in (model_dtype, "bfloat16"):
+        raise ValueError(
+            f"kv_cache_dtype {requested} is neither the model's dtype ({model_dtype}) nor bfloat16"
+        )
+    return chosen
+
+
+def plan_kv_pages(
+    sizes: ServingSizes,
+    kv: KVShape,
+    *,
+    devices: Sequence[jax.Device],
+    num_pages: int | None,
+    kv_cache_gb: float | None,
+    memory_fraction: float | None,
+    workspace: Callable[[], int],
+) -> ServingSizes:
+    """``sizes`` with the page count a decode replica gets, logged with what it holds.
+
+    In order: ``num_pages`` as given; ``kv_cache_gb`` per decode device; ``memory_fraction`` of each
+    decode device's memory (default 0.9 on GPU/TPU, where ``workspace()`` is measured); on CPU with none
+    of them, ``sizes`` as planned (every batch slot can hold a full context).
+    """
+    platform = devices[0].platform
+    if num_pages is not None:
+        plan = KVPlan(sizes.num_pages, sizes.num_pages * kv.page_bytes(sizes.page_size),
+                      kv.page_bytes(sizes.page_size), sizes.page_size, sizes.max_context, "num_pages")
+    elif kv_cache_gb is not None:
+        if kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb}")
+        plan = pages_for_budget(int(kv_cache_gb * GIB), kv, page_size=sizes.page_size,
+                                max_context=sizes.max_context, source=f"kv_cache_gb={kv_cache_gb:g}")
+    elif memory_fraction is not None or platform != "cpu":
+        fraction = DEFAULT_MEMORY_FRACTION if memory_fraction is None else memory_fraction
+        budget, reserve = budget_from_memory(devices, fraction, workspace)
+        plan = pages_for_budget(
+            budget, kv, page_size=sizes.page_size, max_context=sizes.max_context,
+            source=f"memory_fraction={fraction:g} less params and a {reserve / GIB:.3g} GiB workspace",
+        )
+    else:
+        plan = KVPlan(sizes.num_pages, sizes.num_pages * kv.page_bytes(sizes.page_size),
+                      kv.page_bytes(sizes.page_size), sizes.page_size, sizes.max_context,
+                      f"the default on {platform}: every batch slot holds a full context")
+    log.info("%s", plan.describe())
+    return dataclasses.replace(sizes, num_pages=plan.num_pages)
+
+
+def decode_workspace(
+    graphdef: nnx.GraphDef, state: Any, mesh: Mesh, sizes: ServingSizes, kv: KVShape, backend: str | None
+) -> int:
+    """Temporaries of the decode program at the largest batch, measured by compiling it over an abstract
+    two-page pool (its temporaries grow with batch and context, not with the pool, which it updates in
+    place)."""
+    stored = stored_kv_heads(kv.num_kv_heads, kv.tp)
+    sharding = kv_sharding(mesh, stored, head_axis=0)
+    page = jax.ShapeDtypeStruct((stored, 2, sizes.page_size, kv.head_dim), kv.dtype, sharding=sharding)
+    pools = [(page, page) for _ in range(kv.num_layers)]
+    compiled = compile_decode(graphdef, state, pools, mesh, sizes.max_batch, sizes.max_pages, sizes.page_size,
+                              stored, kv.head_dim**-0.5, backend)
+    return workspace_bytes(compiled)
