@@ -87,28 +87,32 @@ def _paged_attend(
     heads = P(None, TP_AXIS, None)
     pool = P(TP_AXIS) if stored_heads % tp == 0 else P()
 
-    def local(q, k, v, kp, vp, page_table, positions):
+    def local(window, q, k, v, kp, vp, page_table, positions):
         rows = jnp.arange(q.shape[0])
         page = page_table[rows, positions // page_size]
         slot = positions % page_size
         kp = kp.at[:, page, slot].set(k.transpose(1, 0, 2).astype(kp.dtype))
         vp = vp.at[:, page, slot].set(v.transpose(1, 0, 2).astype(vp.dtype))
-        out = paged_attention(q, kp, vp, page_table, positions + 1, scale=scale, backend=backend)
+        out = paged_attention(
+            q, kp, vp, page_table, positions + 1, scale=scale, window=window, backend=backend
+        )
         return out, kp, vp
 
-    sharded = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(heads, heads, heads, pool, pool, P(), P()),
-        out_specs=(heads, pool, pool),
-        check_vma=False,
-    )
+    @functools.cache
+    def sharded(window: int | None) -> Callable:
+        return jax.shard_map(
+            functools.partial(local, window),
+            mesh=mesh,
+            in_specs=(heads, heads, heads, pool, pool, P(), P()),
+            out_specs=(heads, pool, pool),
+            check_vma=False,
+        )
 
-    def attend(q, k, v, cache):
+    def attend(q, k, v, cache, window=None):
         kp, vp = cache
         k = _repeat_kv(k, stored_heads, axis=1)
         v = _repeat_kv(v, stored_heads, axis=1)
-        out, kp, vp = sharded(q, k, v, kp, vp, page_table, positions)
+        out, kp, vp = sharded(window)(q, k, v, kp, vp, page_table, positions)
         return out, (kp, vp)
 
     return attend

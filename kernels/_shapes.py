@@ -32,9 +32,16 @@ class Dims:
 
 
 def check_inputs(
-    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    window: int | None = None,
 ) -> Dims:
     """Validate the layout contract of `paged_attention` and return the static sizes."""
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or a positive int, got {window!r}")
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, num_q_heads, head_dim], got shape {q.shape}")
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:

@@ -16,9 +16,9 @@ from .tpu import paged_attention_tpu
 _Impl = Callable[..., jax.Array]
 
 
-def _implementations(scale: float, pages_per_block: int | None) -> dict[str, _Impl]:
-    kw = {"scale": scale}
-    tuned = {"scale": scale, "pages_per_block": pages_per_block}
+def _implementations(scale: float, window: int | None, pages_per_block: int | None) -> dict[str, _Impl]:
+    kw = {"scale": scale, "window": window}
+    tuned = {**kw, "pages_per_block": pages_per_block}
     return {
         "reference": functools.partial(paged_attention_reference, **kw),
         "interpret": functools.partial(paged_attention_gpu, **tuned, interpret=True),
@@ -40,7 +40,7 @@ def available_backends() -> tuple[str, ...]:
     return tuple(backends)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "backend", "pages_per_block"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "backend", "pages_per_block"))
 def paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -49,10 +49,14 @@ def paged_attention(
     lengths: jax.Array,
     *,
     scale: float,
+    window: int | None = None,
     backend: str | None = None,
     pages_per_block: int | None = None,
 ) -> jax.Array:
     """Decode attention over a paged KV cache; see docs/kernels.md for layouts and constraints.
+
+    ``window`` (sliding-window models such as Mistral) limits each query to its sequence's last ``window``
+    tokens; None attends to the whole sequence.
 
     With `backend=None` the choice is deferred to lowering via `lax.platform_dependent`: inside `jit` or
     `shard_map` the arrays are tracers with no device, but the platform the program is compiled for is
@@ -60,8 +64,8 @@ def paged_attention(
     kernel, anything else -> the jnp reference). It is jitted so that eager callers (tests, tools) get one
     compiled program instead of op-by-op dispatch; under an outer `jit` this is free.
     """
-    dims = check_inputs(q, k_pages, v_pages, page_table, lengths)
-    impls = _implementations(scale, pages_per_block)
+    dims = check_inputs(q, k_pages, v_pages, page_table, lengths, window)
+    impls = _implementations(scale, window, pages_per_block)
     args = (q, k_pages, v_pages, page_table, lengths)
     if backend is None:
         # Shapes the Triton kernel cannot tile (non-power-of-two head_dim/page_size) fall back to the

@@ -58,6 +58,7 @@ def _kernel(
     lse_ref,  # [block_h], log2-domain log-sum-exp of this split
     *,
     scale: float,
+    window: int | None,
     pages_per_block: int,
     precision: lax.Precision,
 ):
@@ -71,6 +72,10 @@ def _kernel(
     seq_pages = pl.cdiv(length, page_size)
     blocks_left = pl.cdiv(seq_pages - first_page, pages_per_block)
     num_blocks = jnp.clip(blocks_left, 0, pages_per_split // pages_per_block)
+    # A sliding window also skips the blocks wholly before it, so each visited block holds a visible token
+    # (the online softmax's running max is then finite after the first one).
+    window_start = 0 if window is None else jnp.maximum(length - window, 0)
+    first_block = jnp.clip((window_start // page_size - first_page) // pages_per_block, 0, num_blocks)
     q = q_ref[...]
     block_h = q.shape[0]
 
@@ -80,7 +85,7 @@ def _kernel(
         k = k_ref[pages].reshape(block_tokens, head_dim)
         v = v_ref[pages].reshape(block_tokens, head_dim)
         pos = (first_page + j * pages_per_block) * page_size + jnp.arange(block_tokens, dtype=jnp.int32)
-        valid = pos < length
+        valid = (pos < length) & (pos >= window_start)
         # Logits in the log2 domain (scale folded with log2(e)) so the softmax uses the cheaper exp2.
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
@@ -99,7 +104,7 @@ def _kernel(
         jnp.full((block_h,), -jnp.inf, jnp.float32),
         jnp.zeros((block_h,), jnp.float32),
     )
-    acc, m, denom = lax.fori_loop(0, num_blocks, body, init)
+    acc, m, denom = lax.fori_loop(first_block, num_blocks, body, init)
     # An empty split (all its pages past `length`) has denom == 0: emit 0, lse = -inf, so it weighs nothing.
     o_ref[...] = (acc / jnp.where(denom > 0, denom, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(denom)
@@ -157,6 +162,7 @@ def paged_attention_gpu(
     lengths: jax.Array,
     *,
     scale: float,
+    window: int | None = None,
     pages_per_block: int | None = None,
     k_splits: int | None = None,
     num_warps: int = 4,
@@ -169,7 +175,7 @@ def paged_attention_gpu(
     must be powers of two. The GQA group is zero-padded to a power of two >= 16 rows; those rows cost
     tensor-core work but no HBM traffic, which is what bounds decode.
     """
-    d = check_inputs(q, k_pages, v_pages, page_table, lengths)
+    d = check_inputs(q, k_pages, v_pages, page_table, lengths, window)
     p = plan(d, pages_per_block, k_splits)
     block_h = max(_MIN_BLOCK_H, pl.next_power_of_2(d.group))
     qg = q.reshape(d.batch, d.num_kv_heads, d.group, d.head_dim)
@@ -182,7 +188,9 @@ def paged_attention_gpu(
     out_dtype = q.dtype if p.splits == 1 else jnp.float32
     pool_spec = pl.BlockSpec((None, d.total_pages, d.page_size, d.head_dim), lambda b, h, s: (h, 0, 0, 0))
     o, lse = pl.pallas_call(
-        functools.partial(_kernel, scale=scale, pages_per_block=p.pages_per_block, precision=precision),
+        functools.partial(
+            _kernel, scale=scale, window=window, pages_per_block=p.pages_per_block, precision=precision
+        ),
         grid=(d.batch, d.num_kv_heads, p.splits),
         in_specs=[
             pl.BlockSpec((None, None, block_h, d.head_dim), lambda b, h, s: (b, h, 0, 0)),

@@ -20,20 +20,27 @@ def paged_attention_reference(
     lengths: jax.Array,
     *,
     scale: float,
+    window: int | None = None,
 ) -> jax.Array:
     """Decode attention of one query token per sequence over its paged KV cache.
+
+    With a sliding ``window`` the query (at position ``length - 1``) sees only the last ``window`` tokens,
+    positions ``length - window .. length - 1``, as Mistral-style models were trained to.
 
     Page-table entries past a sequence's length are garbage and may be out of range, so they are clamped
     before the gather (the gathered values are then masked). Masking is applied to the logits *and* to
     V, because a masked probability of 0 times a NaN in an unused page would still be NaN.
     """
-    d = check_inputs(q, k_pages, v_pages, page_table, lengths)
+    d = check_inputs(q, k_pages, v_pages, page_table, lengths, window)
     pages = jnp.clip(page_table, 0, d.total_pages - 1)
     seq = d.max_pages * d.page_size
     # [kv, batch, max_pages, page_size, dim] -> [kv, batch, seq, dim]
     k = k_pages[:, pages].reshape(d.num_kv_heads, d.batch, seq, d.head_dim)
     v = v_pages[:, pages].reshape(d.num_kv_heads, d.batch, seq, d.head_dim)
-    valid = jnp.arange(seq)[None, :] < lengths[:, None]  # [batch, seq]
+    positions = jnp.arange(seq)[None, :]
+    valid = positions < lengths[:, None]  # [batch, seq]
+    if window is not None:
+        valid &= positions >= lengths[:, None] - window
 
     qg = q.reshape(d.batch, d.num_kv_heads, d.group, d.head_dim)
     logits = jnp.einsum(

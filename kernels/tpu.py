@@ -27,13 +27,23 @@ def default_pages_per_block(page_size: int) -> int:
     return max(1, 128 // page_size)
 
 
-def _kernel(len_ref, pt_ref, q_ref, *refs, scale: float, pages_per_block: int, precision: lax.Precision):
+def _kernel(
+    len_ref,
+    pt_ref,
+    q_ref,
+    *refs,
+    scale: float,
+    window: int | None,
+    pages_per_block: int,
+    precision: lax.Precision,
+):
     del pt_ref  # only used by the index maps
     k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block : 2 * pages_per_block]
     o_ref, m_ref, l_ref, acc_ref = refs[2 * pages_per_block :]
     b, i = pl.program_id(0), pl.program_id(2)
     page_size = k_refs[0].shape[0]
     length = len_ref[b]
+    window_start = 0 if window is None else jnp.maximum(length - window, 0)
 
     @pl.when(i == 0)
     def _init():
@@ -44,13 +54,15 @@ def _kernel(len_ref, pt_ref, q_ref, *refs, scale: float, pages_per_block: int, p
     for j in range(pages_per_block):
         start = (i * pages_per_block + j) * page_size
 
-        @pl.when(start < length)
+        # Pages wholly before a sliding window are skipped, so every visited page has a visible token.
+        @pl.when((start < length) & (start + page_size > window_start))
         def _update(k_ref=k_refs[j], v_ref=v_refs[j], start=start):
             dims = (((1,), (1,)), ((), ()))
             s = lax.dot_general(
                 q_ref[...], k_ref[...], dims, preferred_element_type=jnp.float32, precision=precision
             )
-            valid = start + lax.broadcasted_iota(jnp.int32, s.shape, 1) < length
+            pos = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            valid = (pos < length) & (pos >= window_start)
             s = jnp.where(valid, s * scale, -jnp.inf)
             m_prev = m_ref[...]
             m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -58,7 +70,8 @@ def _kernel(len_ref, pt_ref, q_ref, *refs, scale: float, pages_per_block: int, p
             p = jnp.exp(s - m_new)
             v = v_ref[...]
             # Rows past `length` in the last page are stale (maybe NaN): p == 0 there, but 0 * NaN is NaN.
-            v_valid = start + lax.broadcasted_iota(jnp.int32, v.shape, 0) < length
+            v_pos = start + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+            v_valid = (v_pos < length) & (v_pos >= window_start)
             v = jnp.where(v_valid, v, jnp.zeros((), v.dtype))
             pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
             m_ref[...] = m_new
@@ -79,18 +92,22 @@ def paged_attention_tpu(
     lengths: jax.Array,
     *,
     scale: float,
+    window: int | None = None,
     pages_per_block: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Paged decode attention with the Mosaic kernel; `interpret=True` uses the TPU interpreter on CPU."""
-    d = check_inputs(q, k_pages, v_pages, page_table, lengths)
+    d = check_inputs(q, k_pages, v_pages, page_table, lengths, window)
     ppb = min(pages_per_block or default_pages_per_block(d.page_size), d.max_pages)
     num_blocks = pl.cdiv(d.max_pages, ppb)
 
     def page_map(j: int):
         def index_map(b, h, i, len_ref, pt_ref):
-            last_page = jnp.maximum(lax.div(len_ref[b] + d.page_size - 1, d.page_size) - 1, 0)
-            page = pt_ref[b, jnp.minimum(i * ppb + j, last_page)]
+            length = len_ref[b]
+            last_page = jnp.maximum(lax.div(length + d.page_size - 1, d.page_size) - 1, 0)
+            # Before a sliding window, ask for its first page: repeated blocks are not fetched again.
+            first_page = 0 if window is None else lax.div(jnp.maximum(length - window, 0), d.page_size)
+            page = pt_ref[b, jnp.clip(i * ppb + j, first_page, last_page)]
             return h, jnp.clip(page, 0, d.total_pages - 1), 0, 0
 
         return pl.BlockSpec((None, None, d.page_size, d.head_dim), index_map)
@@ -100,7 +117,7 @@ def paged_attention_tpu(
     head_spec = pl.BlockSpec((None, None, d.group, d.head_dim), lambda b, h, i, *_: (b, h, 0, 0))
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
     out = pl.pallas_call(
-        functools.partial(_kernel, scale=scale, pages_per_block=ppb, precision=precision),
+        functools.partial(_kernel, scale=scale, window=window, pages_per_block=ppb, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(d.batch, d.num_kv_heads, num_blocks),

@@ -45,8 +45,9 @@ CASES = {
 }
 
 
-def make_inputs(case: Case, dtype, seed: int = 0):
-    """Random inputs in a scattered page pool, NaN wherever a correct kernel must not read."""
+def make_inputs(case: Case, dtype, seed: int = 0, window: int | None = None):
+    """Random inputs in a scattered page pool, NaN wherever a correct kernel must not read (with a sliding
+    ``window``, that includes every token before it)."""
     rng = np.random.default_rng(seed)
     batch = len(case.lengths)
     total_pages = batch * case.max_pages + 3
@@ -67,14 +68,18 @@ def make_inputs(case: Case, dtype, seed: int = 0):
         if tail:
             k[:, pages[-1], tail:] = np.nan
             v[:, pages[-1], tail:] = np.nan
+        hidden = np.arange(max(0, length - window)) if window else np.arange(0)
+        k[:, pages[hidden // case.page_size], hidden % case.page_size] = np.nan
+        v[:, pages[hidden // case.page_size], hidden % case.page_size] = np.nan
     k[:, ~used] = np.nan
     v[:, ~used] = np.nan
     arrays = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype))
     return *arrays, jnp.asarray(page_table, jnp.int32), jnp.asarray(case.lengths, jnp.int32)
 
 
-def numpy_attention(q, k_pages, v_pages, page_table, lengths, scale):
-    """Float64 oracle written per sequence and head, sharing no code with the kernels; length 0 -> 0."""
+def numpy_attention(q, k_pages, v_pages, page_table, lengths, scale, window=None):
+    """Float64 oracle written per sequence and head, sharing no code with the kernels; length 0 -> 0.
+    A sliding ``window`` keeps the last ``window`` tokens of each sequence."""
     q, k_pages, v_pages = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k_pages, v_pages))
     page_table, lengths = np.asarray(page_table), np.asarray(lengths)
     batch, num_q_heads, _ = q.shape
@@ -84,7 +89,7 @@ def numpy_attention(q, k_pages, v_pages, page_table, lengths, scale):
     for b in range(batch):
         if lengths[b] == 0:
             continue
-        tokens = np.arange(lengths[b])
+        tokens = np.arange(lengths[b] - min(lengths[b], window or lengths[b]), lengths[b])
         pages, slots = page_table[b, tokens // page_size], tokens % page_size
         for h in range(num_q_heads):
             k = k_pages[h // group, pages, slots]
@@ -122,6 +127,23 @@ def test_matches_numpy(backend, case_name, dtype):
     out = paged_attention(*args, scale=scale, backend=backend, pages_per_block=case.pages_per_block)
     assert out.shape == args[0].shape and out.dtype == dtype
     assert relative_error(out, numpy_attention(*args, scale)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("window", [1, 12])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_window_matches_numpy(backend, window):
+    """Windows shorter than a sequence, across page and block boundaries (split-K in the GPU kernel);
+    the tokens before each window are NaN, so reading one fails the comparison."""
+    case = Case(4, 2, 32, 8, 6, (1, 16, 45, 0, 30, 12), 2)
+    args = make_inputs(case, jnp.float32, seed=4, window=window)
+    out = paged_attention(*args, scale=0.2, window=window, backend=backend, pages_per_block=2)
+    assert relative_error(out, numpy_attention(*args, 0.2, window)) <= 1e-5
+
+
+def test_window_must_be_positive():
+    args = make_inputs(CASES["gqa4-page16"], jnp.float32)
+    with pytest.raises(ValueError, match="window"):
+        paged_attention(*args, scale=0.1, window=0)
 
 
 def test_default_backend_under_jit_is_reference_on_cpu():

@@ -1,4 +1,8 @@
-"""The Llama-family model: logits parity with transformers; prefill + decode agree with the dense forward."""
+"""The Llama-family model: logits parity with transformers; prefill + decode agree with the dense forward.
+
+Inputs are 64 tokens, four times the sliding window of the Mistral and Qwen2 configs, so windowed attention
+is exercised in prefill and in decode (Qwen2 windows only its second layer, from ``max_window_layers=1``).
+"""
 
 from __future__ import annotations
 
@@ -24,9 +28,13 @@ HF_CONFIGS = {
         "original_max_position_embeddings": 32}),
     "llama-linear-rope": lambda: transformers.LlamaConfig(
         **TINY, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=500.0),
-    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=32),
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=WINDOW),
     "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=True),
+    "qwen2-window": lambda: transformers.Qwen2Config(
+        **TINY, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
 }
+WINDOW = 16
+LENGTH = 64  # tokens per test input: past the window
 
 
 def _hf_checkpoint(name: str, directory) -> transformers.PreTrainedModel:
@@ -55,11 +63,15 @@ def hf_pair(request, tmp_path_factory):
     return hf_model, load_hf_model(directory, progress=False)
 
 
+def _hf_logits(hf_model, tokens: jax.Array) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
 def test_logits_match_transformers(hf_pair):
     hf_model, model = hf_pair
-    tokens, positions = _tokens(2, 12, model.config.vocab_size)
-    with torch.no_grad():
-        expected = hf_model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+    tokens, positions = _tokens(2, LENGTH, model.config.vocab_size)
+    expected = _hf_logits(hf_model, tokens)
     actual = np.asarray(model(tokens, positions))
     assert actual.dtype == np.float32 and actual.shape == expected.shape
     np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
@@ -68,7 +80,7 @@ def test_logits_match_transformers(hf_pair):
 def _dense_attend(positions: jax.Array):
     """A reference ``attend``: cache = dense (k, v) ``[B, S, KVH, hd]``, written at ``positions``."""
 
-    def attend(q, k, v, cache):
+    def attend(q, k, v, cache, window=None):
         k_cache, v_cache = cache
         rows = jnp.arange(q.shape[0])
         k_cache = k_cache.at[rows, positions].set(k)
@@ -76,7 +88,8 @@ def _dense_attend(positions: jax.Array):
         groups = q.shape[1] // k.shape[1]
         keys, values = jnp.repeat(k_cache, groups, axis=2), jnp.repeat(v_cache, groups, axis=2)
         scores = jnp.einsum("bhd,bshd->bhs", q, keys) * q.shape[-1] ** -0.5
-        visible = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]
+        past = positions[:, None] - jnp.arange(k_cache.shape[1])[None, :]
+        visible = (past >= 0) & (past < (window or k_cache.shape[1]))
         scores = jnp.where(visible[:, None, :], scores, -jnp.inf)
         return jnp.einsum("bhs,bshd->bhd", jax.nn.softmax(scores, axis=-1), values), (k_cache, v_cache)
 
@@ -90,11 +103,13 @@ def _decode_step(graphdef, state, tokens, positions, caches):
 
 
 def test_prefill_then_decode_matches_dense_forward(hf_pair):
-    """Prefill a prompt, decode the rest one token at a time: same logits as one causal forward."""
-    _, model = hf_pair
-    batch, prompt, total = 2, 5, 11
+    """Prefill a prompt, decode the rest one token at a time: same logits as one causal forward and as
+    transformers (for the sliding-window configs: the decode steps run past the window)."""
+    hf_model, model = hf_pair
+    batch, prompt, total = 2, 5, LENGTH
     tokens, positions = _tokens(batch, total, model.config.vocab_size, seed=1)
     dense = np.asarray(model(tokens, positions))
+    np.testing.assert_allclose(dense, _hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
 
     hidden, kvs = model.prefill(tokens[:, :prompt], positions[:, :prompt])
     np.testing.assert_allclose(np.asarray(model.logits(hidden)), dense[:, :prompt], atol=1e-5, rtol=0)
@@ -143,7 +158,20 @@ def test_config_round_trips_through_transformers():
     assert qwen.attention_bias and qwen.tie_word_embeddings
     assert ModelConfig.from_hf(transformers.Qwen2Config(**qwen.to_hf_dict()).to_dict()) == qwen
     mistral = ModelConfig.from_hf(HF_CONFIGS["mistral"]().to_dict())
-    assert mistral.sliding_window == 32
+    assert mistral.sliding_window == WINDOW and mistral.sliding_window_layers is None
+    assert [mistral.attention_window(i) for i in range(2)] == [WINDOW, WINDOW]
+    assert ModelConfig.from_hf(transformers.MistralConfig(**mistral.to_hf_dict()).to_dict()) == mistral
+
+
+def test_qwen2_windows_only_the_layers_transformers_windows():
+    windowed = ModelConfig.from_hf(HF_CONFIGS["qwen2-window"]().to_dict())
+    assert [windowed.attention_window(i) for i in range(2)] == [None, WINDOW]
+    assert ModelConfig.from_hf(transformers.Qwen2Config(**windowed.to_hf_dict()).to_dict()) == windowed
+    four_x = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+              "num_hidden_layers": 4, "num_attention_heads": 2, "sliding_window": 8, "max_window_layers": 1}
+    assert ModelConfig.from_hf(four_x | {"use_sliding_window": True}).sliding_window_layers == (1, 2, 3)
+    assert ModelConfig.from_hf(four_x).sliding_window is None  # use_sliding_window defaults to False
+    assert ModelConfig.from_hf(HF_CONFIGS["qwen2"]().to_dict()).sliding_window is None
 
 
 def test_config_reads_transformers_4_layout():

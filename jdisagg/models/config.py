@@ -1,7 +1,8 @@
 """The model hyper-parameters jdisagg needs, read from (and written back to) a Hugging Face ``config.json``.
 
 One frozen dataclass for the whole Llama family (Llama, Mistral, Qwen2): the families differ only in
-q/k/v bias, tied embeddings and rope scaling, so a flag each is cheaper than a class each. Parsing accepts
+q/k/v bias, tied embeddings, rope scaling and sliding-window attention, so a field each is cheaper than a
+class each. Parsing accepts
 both the transformers 4.x layout (``rope_theta`` + ``rope_scaling``) and the 5.x one (``rope_parameters``),
 and rejects anything the model code would silently get wrong (other activations, biases, rope types).
 """
@@ -24,9 +25,10 @@ class ModelConfig:
     """Hyper-parameters of a Llama-family decoder.
 
     ``rope_scaling`` is the HF dict with a ``rope_type`` key (``"llama3"`` or ``"linear"``), or None for
-    plain rope. ``attention_bias`` means bias on q/k/v only (Qwen2); o_proj never has one. ``sliding_window``
-    is recorded from Mistral/Qwen2 configs but jdisagg always attends to the full context, which equals
-    the sliding-window model only for sequences no longer than the window.
+    plain rope. ``attention_bias`` means bias on q/k/v only (Qwen2); o_proj never has one.
+    ``sliding_window`` (Mistral, Qwen2 with ``use_sliding_window``): a token attends to itself and the
+    ``sliding_window - 1`` tokens before it, in the layers ``sliding_window_layers`` (None: every layer;
+    Qwen2 windows only the layers from ``max_window_layers`` on). See ``attention_window``.
     """
 
     vocab_size: int
@@ -47,6 +49,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
     sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -59,6 +62,23 @@ class ModelConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}; supported: {_DTYPES}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("llama3", "linear"):
             raise ValueError(f"unsupported rope_scaling {self.rope_scaling!r}; supported: llama3, linear")
+        if self.sliding_window is not None:
+            if self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+            if self.model_type == "llama":
+                raise ValueError("sliding_window needs model_type mistral or qwen2 (HF Llama has none)")
+        layers = self.sliding_window_layers or ()
+        if layers and self.model_type != "qwen2":
+            raise ValueError("sliding_window_layers (a window in some layers only) is Qwen2's; "
+                             f"{self.model_type} windows every layer")
+        if any(not 0 <= i < self.num_layers for i in layers):
+            raise ValueError(f"sliding_window_layers {layers} are not all in [0, {self.num_layers})")
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many tokens (the current one included) layer ``layer`` attends to; None: the whole context."""
+        if self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
 
     def __hash__(self) -> int:
         # rope_scaling is a dict, so the generated hash would fail; the module's graphdef (a jit static
@@ -112,7 +132,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
             dtype=_parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype")),
-            sliding_window=_parse_sliding_window(cfg, max_positions),
+            **_parse_sliding_window(cfg, max_positions),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -153,8 +173,12 @@ class ModelConfig:
         if self.model_type == "mistral":
             cfg["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":
+            windowed = [self.attention_window(i) is not None for i in range(self.num_layers)]
             cfg["use_sliding_window"] = self.sliding_window is not None
             cfg["sliding_window"] = self.sliding_window
+            # Both spellings: transformers 5 reads layer_types, 4.x only max_window_layers (a suffix).
+            cfg["max_window_layers"] = windowed.index(True) if any(windowed) else self.num_layers
+            cfg["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windowed]
         return cfg
 
 
@@ -178,12 +202,29 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     return rope_theta, {"rope_type": rope_type, **{k: params[k] for k in keys[rope_type]}}
 
 
-def _parse_sliding_window(cfg: dict[str, Any], max_positions: int) -> int | None:
-    """The attention window, or None when it covers every position (then it changes nothing)."""
-    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
-        return None
+def _parse_sliding_window(cfg: dict[str, Any], max_positions: int) -> dict[str, Any]:
+    """``sliding_window`` and ``sliding_window_layers``, as transformers applies them.
+
+    Mistral windows every layer. Qwen2 windows only with ``use_sliding_window``, and then only the layers
+    ``layer_types`` marks ``sliding_attention`` (transformers 5), else those from ``max_window_layers`` on.
+    A window covering every position changes nothing and is dropped.
+    """
+    none = {"sliding_window": None, "sliding_window_layers": None}
     window = cfg.get("sliding_window")
-    return window if window is not None and window < max_positions else None
+    if window is None or window >= max_positions or cfg.get("model_type", "llama") == "llama":
+        return none
+    if cfg.get("model_type") != "qwen2":
+        return {"sliding_window": window, "sliding_window_layers": None}
+    if not cfg.get("use_sliding_window", False):
+        return none
+    num_layers = cfg["num_hidden_layers"]
+    if cfg.get("layer_types"):
+        layers = tuple(i for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention")
+    else:
+        layers = tuple(range(cfg.get("max_window_layers", 28), num_layers))
+    if not layers:
+        return none
+    return {"sliding_window": window, "sliding_window_layers": None if len(layers) == num_layers else layers}
 
 
 def _parse_dtype(name: str | None) -> str:

@@ -10,8 +10,9 @@ Conventions:
 - Attribute names mirror HF (``layers/0/self_attn/q_proj/kernel``): the sharding rules and the loader
   match these paths. Linear kernels are ``[in, out]`` (HF weights transposed).
 - RMSNorm statistics, attention scores and softmax are float32; everything else runs in the param dtype.
-- Attention is always over the full context, also for configs with a ``sliding_window`` (exact for
-  sequences no longer than the window).
+- Sliding-window configs (Mistral, Qwen2) attend, in their windowed layers, to the last
+  ``config.attention_window(layer)`` tokens only: prefill masks the rest, decode passes the window to
+  ``attend``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jdisagg.models.norm import RMSNorm
 from jdisagg.models.rope import apply_rope, inverse_frequencies
 
 C = TypeVar("C")
-Attend = Callable[[jax.Array, jax.Array, jax.Array, C], tuple[jax.Array, C]]
+Attend = Callable[..., tuple[jax.Array, C]]  # (q, k, v, cache, *, window) -> (out, cache)
 
 
 def _linear(
@@ -100,10 +101,11 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None = None) -> jax.Array:
     """Dense causal GQA: q ``[B, T, H, hd]``, k/v ``[B, T, KVH, hd]`` -> ``[B, T, H, hd]``.
 
-    Token i attends to tokens j <= i of its row, so padding at the end of a row never reaches real tokens.
+    Token i attends to tokens j <= i of its row (and, with a sliding ``window``, only to j > i - window), so
+    padding at the end of a row never reaches real tokens.
     Query head h reads kv head ``h // (H // KVH)``: the grouped reshape below is that mapping without
     materialising repeated k/v.
     """
@@ -111,7 +113,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     kvh = k.shape[2]
     grouped = q.reshape(b, t, kvh, h // kvh, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32) * hd**-0.5
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    causal = j <= i if window is None else (j <= i) & (j > i - window)
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
@@ -152,9 +155,9 @@ class Llama(nnx.Module):
         inv_freq = inverse_frequencies(self.config)
         x = self.embed_tokens(tokens)
         kvs = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, positions, inv_freq)
-            x = layer.finish(x, causal_attention(q, k, v))
+            x = layer.finish(x, causal_attention(q, k, v, self.config.attention_window(i)))
             kvs.append((k, v))
         return x, kvs
 
@@ -163,16 +166,17 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, list[C]]:
         """One token per sequence: tokens, positions ``[B]`` -> float32 logits ``[B, V]`` and updated caches.
 
-        Per layer, ``attend(q [B, H, hd], k [B, KVH, hd], v [B, KVH, hd], cache)`` must store k/v at
-        ``positions`` and return the attention output ``[B, H, hd]`` over positions ``0..positions``
-        (scale ``head_dim ** -0.5``) together with the new cache.
+        Per layer, ``attend(q [B, H, hd], k [B, KVH, hd], v [B, KVH, hd], cache, window=w)`` must store k/v
+        at ``positions`` and return the attention output ``[B, H, hd]`` over positions ``0..positions``
+        (only the last ``w`` of them when ``w`` is not None; scale ``head_dim ** -0.5``) together with the
+        new cache.
         """
         inv_freq = inverse_frequencies(self.config)
         x = self.embed_tokens(tokens)
         new_caches = []
-        for layer, cache in zip(self.layers, caches, strict=True):
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
             q, k, v = layer.qkv(x, positions, inv_freq)
-            attended, cache = attend(q, k, v, cache)
+            attended, cache = attend(q, k, v, cache, window=self.config.attention_window(i))
             x = layer.finish(x, attended)
             new_caches.append(cache)
         return self.logits(x), new_caches
