@@ -19,7 +19,13 @@ from flax import nnx
 from jdisagg.engine import Engine
 from jdisagg.meshes import PHASE_RULES, build_layout, param_sharding_fn
 from jdisagg.models import ModelConfig
-from jdisagg.models.loading import init_model, load_hf_model, load_model, save_hf_safetensors
+from jdisagg.models.loading import (
+    init_model,
+    load_hf_model,
+    load_model,
+    save_checkpoint,
+    save_hf_safetensors,
+)
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.tokenizer import ByteTokenizer
 
@@ -139,3 +145,21 @@ def test_engine_load_stays_within_bound_and_outputs_are_unchanged(checkpoint):
                 progress=False) as single:
         assert got == [o.token_ids for o in single.generate(prompts, params)]
     assert jnp.dtype(engine.config.dtype) == jnp.float32
+
+
+def test_orbax_checkpoint_restores_into_each_sharding_and_dtype(tmp_path):
+    """Our own checkpoints take the same path: a restore with the target sharding (and dtype) per param."""
+    save_checkpoint(init_model(CONFIG, seed=3), tmp_path / "ckpt")
+    source, _ = load_model(tmp_path / "ckpt", dtype="bfloat16")
+    assert source.config.dtype == "bfloat16"
+    mesh = build_layout("4x1", "2x2").decode.replicas[1]
+    heads = {"num_heads": CONFIG.num_heads, "num_kv_heads": CONFIG.num_kv_heads}
+    shardings = param_sharding_fn(mesh, PHASE_RULES["decode"], heads)
+    model = source.load(shardings)
+    want = nnx.state(init_model(CONFIG, seed=3), nnx.Param)
+    for (path, got), (_, expected) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                          nnx.to_flat_state(want), strict=True):
+        name = "/".join(map(str, path))
+        assert got[...].sharding == shardings(name, got[...].shape), name
+        assert got[...].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(expected[...].astype(jnp.bfloat16)))
