@@ -1,6 +1,11 @@
 """Test set-up: 8 virtual CPU devices, float32 matmuls, and a page-leak check after every test.
 
 The device count must be fixed before JAX initialises its backends, so it happens at import time here.
+
+The page-leak check is the invariant docs/architecture.md promises: whenever an engine is idle, no KV page
+is in use. Every ``Engine`` built in this process is recorded (module-scoped ones included), and so is every
+server subprocess a test registers with ``kv_page_watch.watch_metrics``; after each test the check waits a
+little for each of them to go idle, then fails the test if any page is still held.
 """
 
 import os
@@ -10,7 +15,89 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+import weakref  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+IDLE_WAIT_S = 30.0  # a stream a test cancelled may still be on its way out of the decode loop
+
+
+class KVPageWatch:
+    """The engines and server metrics endpoints whose KV pages are checked after every test."""
+
+    def __init__(self) -> None:
+        self.engines: weakref.WeakSet = weakref.WeakSet()
+        self.metrics_urls: set[str] = set()
+
+    def watch_metrics(self, url: str) -> None:
+        """Check a server subprocess too, through its ``/metrics`` endpoint (``jdisagg_kv_pages_used``)."""
+        self.metrics_urls.add(url)
+
+    def leaks(self) -> list[str]:
+        """What still holds pages once everything had ``IDLE_WAIT_S`` to go idle (empty: no leak)."""
+        deadline = time.monotonic() + IDLE_WAIT_S
+        found = []
+        for engine in list(self.engines):
+            while (stats := engine.stats())["live"] or any(stats["pages_used"]):
+                if time.monotonic() > deadline:
+                    found.append(f"engine {id(engine):#x}: {stats}")
+                    break
+                time.sleep(0.05)
+            if engine._stopping:  # shut down and clean: nothing can change any more
+                self.engines.discard(engine)
+        for url in sorted(self.metrics_urls):
+            while (used := _pages_used(url)) and used > 0:
+                if time.monotonic() > deadline:
+                    found.append(f"{url}: jdisagg_kv_pages_used = {used}")
+                    break
+                time.sleep(0.05)
+            if used is None:  # the server has stopped
+                self.metrics_urls.discard(url)
+        return found
+
+
+def _pages_used(url: str) -> float | None:
+    """Sum of ``jdisagg_kv_pages_used`` over replicas, or None when the endpoint no longer answers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "jdisagg_kv_pages_used")
+
+
+@pytest.fixture(scope="session")
+def kv_page_watch() -> Iterator[KVPageWatch]:
+    """Records every engine as it starts serving (``Engine._start`` is where in-process and worker-backed
+    engines both begin), without touching the engine's code."""
+    from jdisagg.engine import Engine
+
+    watch = KVPageWatch()
+    start = Engine._start
+
+    def recording_start(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        watch.engines.add(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Engine, "_start", recording_start)
+        yield watch
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_kv_pages(kv_page_watch: KVPageWatch) -> Iterator[None]:
+    yield
+    leaks = kv_page_watch.leaks()
+    if leaks:
+        pytest.fail("KV pages still in use after the test:\n" + "\n".join(leaks), pytrace=False)
