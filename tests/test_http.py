@@ -7,6 +7,10 @@ check that it answers 503 until warm.
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -175,6 +179,26 @@ def test_cancelled_stream_frees_its_pages(client, live):
     _wait_idle(live["engine"])
 
 
+def _aborted(engine: Engine) -> float:
+    text = generate_latest(engine.metrics.registry).decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "jdisagg_requests_total" and s.labels.get("outcome") == "abort")
+
+
+def test_client_gone_while_a_unary_request_waits_cancels_it(live):
+    """The client sends a non-streaming request and hangs up at once; the server notices and aborts."""
+    aborted = _aborted(live["engine"])
+    body = json.dumps({"model": MODEL, "prompt": "ROMEO:", "max_tokens": 120, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", live["http"].port)) as connection:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        connection.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 30
+    while _aborted(live["engine"]) == aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _aborted(live["engine"]) == aborted + 1
+    _wait_idle(live["engine"])
+
+
 BAD_REQUESTS = [
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
@@ -238,3 +262,25 @@ def test_chat_without_a_template_is_400_and_defaults_apply(live):
         assert text == live["engine"].generate(["ROMEO:"], SamplingParams(max_tokens=8))[0].text
     finally:
         http.shutdown()
+
+
+def _launch_fails(*flags: str) -> str:
+    """A ``jdisagg launch`` that must stop before loading the model: its one-line error."""
+    run = subprocess.run([sys.executable, "-m", "jdisagg.cli", "launch", "--port", "0", "--metrics-port", "0",
+                          *flags], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("jdisagg: error:")]
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+def test_launch_refuses_a_missing_chat_template_and_a_taken_http_port(tmp_path):
+    missing = tmp_path / "missing.jinja"
+    assert _launch_fails("--chat-template", str(missing)) == (
+        f"jdisagg: error: chat template file {str(missing)!r} does not exist")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _launch_fails("--http-port", str(port)).startswith(
+            f"jdisagg: error: cannot listen for HTTP on 127.0.0.1:{port}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from jdisagg.chat_template import ChatTemplate, ChatTemplateError
 from jdisagg.engine import Engine
@@ -35,7 +36,7 @@ from jdisagg.serving.openai.protocol import (
     parse_body,
 )
 
-_DISCONNECT_POLL_S = 0.5
+_DISCONNECT_POLL_S = 0.1  # one receive() that returns at once: cheap
 
 
 @dataclass
@@ -191,7 +192,10 @@ async def _serve(
     choices = _Choices(streams, asyncio.get_running_loop(), prompt_tokens=sum(len(p) for p in prompts))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_sse(choices, fmt, include_usage), media_type="text/event-stream")
+        # The background task also runs when the client left before the first event, when the generator's
+        # own ``finally`` never runs; cancelling finished requests does nothing.
+        return StreamingResponse(_sse(choices, fmt, include_usage), media_type="text/event-stream",
+                                 background=BackgroundTask(choices.cancel))
     outputs = await choices.outputs(request.is_disconnected)
     for output in outputs:
         if output.finish_reason is FinishReason.ERROR:
@@ -257,18 +261,27 @@ class _Choices:
     async def events(
         self, disconnected: Callable[[], Awaitable[bool]] | None = None
     ) -> AsyncIterator[tuple[int, StreamChunk | None, Output | None]]:
-        """Chunks and then each choice's ``Output``, until every choice has finished."""
+        """Chunks and then each choice's ``Output``, until every choice has finished.
+
+        ``disconnected`` is asked every ``_DISCONNECT_POLL_S`` whether or not chunks keep arriving; once it
+        says yes every choice is cancelled (they then end with ABORT, and are drained here).
+        """
+        loop = asyncio.get_running_loop()
         remaining = len(self.streams)
+        next_check = loop.time() + _DISCONNECT_POLL_S
         while remaining:
             try:
                 item = await asyncio.wait_for(self._queue.get(), _DISCONNECT_POLL_S)
             except TimeoutError:
-                if disconnected is not None and await disconnected():
+                item = None
+            if disconnected is not None and loop.time() >= next_check:
+                next_check = loop.time() + _DISCONNECT_POLL_S
+                if await disconnected():
                     self.cancel()
-                    disconnected = None  # the choices now end with ABORT; keep draining them
-                continue
-            remaining -= item[2] is not None
-            yield item
+                    disconnected = None
+            if item is not None:
+                remaining -= item[2] is not None
+                yield item
 
     async def outputs(self, disconnected: Callable[[], Awaitable[bool]]) -> list[Output]:
         found: dict[int, Output] = {}
