@@ -248,20 +248,24 @@ class Served:
 
 
 def test_sigkilled_decode_worker_ends_its_streams_mid_generation_and_a_restarted_one_rejoins(tp2_to_tp1):
-    """Every stream has its own tokens before the kill: the dead worker's streams end UNAVAILABLE midway,
-    the other replica's finish."""
-    served = Served(tp2_to_tp1.front)
+    """The watched stream runs alone first, so the replica holding pages is its replica; a second stream
+    goes to the other one. Once the watched stream has its own 8 tokens its worker is killed: it ends
+    UNAVAILABLE midway, the other stream finishes."""
+    front, served = tp2_to_tp1.front, Served(tp2_to_tp1.front)
     try:
-        victim = tp2_to_tp1.child("decode", 0)
-        streams = [served.stream(PROMPTS[i % len(PROMPTS)] * (1 + i % 3), 96) for i in range(8)]
-        for stream in streams:
-            stream.wait_tokens(8)
+        watched = served.stream("Ay", 125)
+        watched.wait_tokens(2)
+        (slot,) = [s.index for s in front.decode if s.allocator.used]
+        other = served.stream("Ay", 125)
+        other.wait_tokens(2)
+        assert all(s.allocator.used for s in front.decode)
+        watched.wait_tokens(8)
+        victim = tp2_to_tp1.child("decode", slot)
         os.kill(victim.pid, signal.SIGKILL)
-        outcomes = [s.result() for s in streams]
-        assert {code for code, _ in outcomes} == {"ok", "UNAVAILABLE"}, outcomes
-        assert all(tokens >= 8 for _, tokens in outcomes), outcomes  # killed mid-generation
-        assert all(tokens < 96 for code, tokens in outcomes if code == "UNAVAILABLE"), outcomes
-        _survive_and_rejoin(tp2_to_tp1, "decode", victim)
+        code, tokens = watched.result()
+        assert code == "UNAVAILABLE" and 8 <= tokens < 125, (code, tokens)  # killed mid-generation
+        assert other.result() == ("ok", 125)
+        _survive_and_rejoin(tp2_to_tp1, "decode", slot, victim)
     finally:
         served.close()
 
@@ -284,16 +288,16 @@ def test_sigkilled_prefill_worker_mid_prefill_is_retried_on_the_other_and_a_rest
         assert outcomes == [("ok", 24)] * len(streams), outcomes
         assert any("retrying" in r.getMessage() and "prefill worker 0" in r.getMessage()
                    for r in caplog.records), [r.getMessage() for r in caplog.records]
-        _survive_and_rejoin(tp2_to_tp1, "prefill", victim)
+        _survive_and_rejoin(tp2_to_tp1, "prefill", 0, victim)
     finally:
         served.close()
 
 
-def _survive_and_rejoin(cluster: Cluster, role: str, victim: subprocess.Popen) -> None:
+def _survive_and_rejoin(cluster: Cluster, role: str, slot: int, victim: subprocess.Popen) -> None:
     """After ``victim``'s death: its slot is dead, no request or page is left, the survivors serve, and a
     restarted worker takes the slot and serves the in-process reference's tokens."""
     front = cluster.front
-    _wait(lambda: not getattr(front, role)[0].alive, "the dead worker is noticed")
+    _wait(lambda: not getattr(front, role)[slot].alive, "the dead worker is noticed")
     _wait(lambda: front.engine.stats()["live"] == 0, "every request ended")
     assert _pages_used(front) == [0, 0]
 
@@ -301,7 +305,7 @@ def _survive_and_rejoin(cluster: Cluster, role: str, victim: subprocess.Popen) -
     assert all(o.error is None and len(o.token_ids) == 24 for o in survivors)
 
     cluster.rejoin(role)
-    _wait(lambda: getattr(front, role)[0].alive, "the restarted worker rejoins", timeout=300)
+    _wait(lambda: getattr(front, role)[slot].alive, "the restarted worker rejoins", timeout=300)
     assert _texts(front.engine, GREEDY) == _reference("2x2", "1x2")["greedy"]
     assert _pages_used(front) == [0, 0]
     assert victim.wait(timeout=10) == -signal.SIGKILL
@@ -406,8 +410,9 @@ def _stall(process: subprocess.Popen, seconds: float, during=lambda: None) -> No
 
 
 def _evicted_but_running(slot, process: subprocess.Popen) -> None:
-    """A silent worker is declared dead after its missed heartbeats, though its process lives on."""
-    _wait(lambda: not slot.alive, "the silent worker is evicted", timeout=30)
+    """A silent worker is declared dead after its missed heartbeats (10-12 s), well before any call's
+    deadline (30 s here) could, though its process lives on."""
+    _wait(lambda: not slot.alive, "the silent worker is evicted", timeout=20)
     assert process.poll() is None
 
 

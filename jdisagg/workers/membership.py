@@ -58,7 +58,7 @@ class Membership:
         request = wpb.CheckInRequest(role=self._request.role, slot=self.slot, lease=self.lease)
         try:
             return self._control.CheckIn(request, timeout=5.0).registered
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):  # ValueError: the channel was closed (the worker is stopping)
             return None
 
     def keep(self, stop: threading.Event, discard_state: Callable[[], None]) -> None:

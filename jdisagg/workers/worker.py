@@ -300,6 +300,7 @@ def run_worker(opts: WorkerOptions) -> int:
     stop = threading.Event()
     membership.start(stop, service.discard_state)
     _wait_for_stop(opts.exit_with_parent, stop)
+    stop.set()
     membership.close()
     server.stop(2.0).wait()
     return 0
