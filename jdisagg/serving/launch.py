@@ -73,7 +73,6 @@ def launch(opts: LaunchOptions) -> int:
 
     meshes = choose_meshes(opts.prefill_mesh, opts.decode_mesh, opts.colocate, jax.device_count())
     try:  # cheap checks first, so a typo does not cost a model load
-        enable_compile_cache(opts.compile_cache)
         if opts.processes:
             if opts.colocate:
                 raise ValueError("--processes runs prefill and decode in separate workers: drop --colocate")
@@ -83,6 +82,7 @@ def launch(opts: LaunchOptions) -> int:
                                  "tokenizer.json into the model directory instead")
         else:
             build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
+        enable_compile_cache(opts.compile_cache)
         decode_dp = parse_mesh_spec(meshes.decode).dp
         http = _start_http(opts) if opts.http_port else None
         server = GenerationServer(opts.host, opts.port, opts.max_queue + opts.max_batch * decode_dp + 16)
