@@ -159,14 +159,30 @@ def test_logprobs_equal_the_engines(client, live):
     assert all(entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5) for entry in content)
 
 
-def test_http_and_grpc_give_identical_tokens(client, live):
+def test_http_and_grpc_give_identical_tokens_and_logprobs(client, live):
     reply = client.completions.create(model=MODEL, prompt="KING:", max_tokens=16, temperature=1.0, seed=99,
-                                      extra_body={"top_k": 50, "return_token_ids": True})
+                                      logprobs=3, extra_body={"top_k": 50, "return_token_ids": True})
+    request = make_request("KING:", max_tokens=16, temperature=1.0, top_k=50, seed=99)
+    request.sampling.logprobs = 3
     with grpc.insecure_channel(live["grpc"]) as channel:
-        unary = pb_grpc.GenerationStub(channel).GenerateUnary(
-            make_request("KING:", max_tokens=16, temperature=1.0, top_k=50, seed=99), timeout=60)
+        stub = pb_grpc.GenerationStub(channel)
+        unary = stub.GenerateUnary(request, timeout=60)
+        streamed = list(stub.Generate(request, timeout=60))
     assert reply.choices[0].model_extra["token_ids"] == list(unary.token_ids)
     assert reply.choices[0].text == unary.text
+    assert reply.choices[0].logprobs.token_logprobs == pytest.approx(list(unary.logprobs), abs=1e-5)
+    for got, top in zip(reply.choices[0].logprobs.top_logprobs, unary.top_logprobs, strict=True):
+        assert len(top.token_ids) == 3
+        assert list(got.values()) == pytest.approx(list(top.logprobs), abs=1e-5)
+    # The stream carries one entry per token, in its messages' order.
+    assert [t for m in streamed for t in m.token_ids] == list(unary.token_ids)
+    assert [lp for m in streamed for lp in m.logprobs] == list(unary.logprobs)
+    assert [list(t.token_ids) for m in streamed for t in m.top_logprobs] == [
+        list(t.token_ids) for t in unary.top_logprobs]
+    # A request that does not ask gets none, as before the field existed.
+    plain = make_request("KING:", max_tokens=4)
+    with grpc.insecure_channel(live["grpc"]) as channel:
+        assert not pb_grpc.GenerationStub(channel).GenerateUnary(plain, timeout=60).top_logprobs
 
 
 def test_cancelled_stream_frees_its_pages(client, live):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from jdisagg.outputs import FinishReason, Output, StreamChunk
+from jdisagg.outputs import FinishReason, Output, StreamChunk, TopLogprobs
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.v1 import jdisagg_pb2 as pb
 
@@ -19,7 +19,7 @@ FINISH_REASONS: dict[FinishReason, int] = {
 }
 
 # Proto field name -> SamplingParams field name, for the scalar fields whose absence means "default".
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos")
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "logprobs")
 
 
 def reject_unknown_fields(message: Message, where: str = "") -> None:
@@ -73,14 +73,29 @@ def response_of(chunk: StreamChunk, output: Output | None) -> pb.GenerateRespons
         response.finish_reason = FINISH_REASONS[chunk.finish_reason]
     if output is not None:
         response.usage.CopyFrom(usage_of(output))
+    _add_logprobs(response, chunk.logprobs, chunk.top_logprobs)
     return response
 
 
 def unary_response_of(output: Output) -> pb.GenerateUnaryResponse:
-    return pb.GenerateUnaryResponse(
+    response = pb.GenerateUnaryResponse(
         request_id=output.request_id,
         token_ids=output.token_ids,
         text=output.text,
         finish_reason=FINISH_REASONS[output.finish_reason],
         usage=usage_of(output),
     )
+    _add_logprobs(response, output.logprobs, output.top_logprobs)
+    return response
+
+
+def _add_logprobs(
+    response: pb.GenerateResponse | pb.GenerateUnaryResponse, logprobs: list[float], top: list[TopLogprobs]
+) -> None:
+    """Only for requests that asked (``top`` is filled then): the others' messages stay as small as before."""
+    if not top:
+        return
+    response.logprobs.extend(logprobs)
+    for alternatives in top:
+        response.top_logprobs.add(token_ids=[i for i, _ in alternatives],
+                                  logprobs=[lp for _, lp in alternatives])

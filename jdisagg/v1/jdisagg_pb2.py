@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jdisagg/v1/jdisagg.proto\x12\njdisagg.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x88\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\xab\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.jdisagg.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.jdisagg.v1.SamplingParams\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_request_id\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\"\x9a\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.jdisagg.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.jdisagg.v1.Usage\"\x9f\x01\n\x15GenerateUnaryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.jdisagg.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.jdisagg.v1.Usage*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.jdisagg.v1.GenerateRequest\x1a\x1c.jdisagg.v1.GenerateResponse0\x01\x12O\n\rGenerateUnary\x12\x1b.jdisagg.v1.GenerateRequest\x1a!.jdisagg.v1.GenerateUnaryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jdisagg/v1/jdisagg.proto\x12\njdisagg.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xac\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\xab\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.jdisagg.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.jdisagg.v1.SamplingParams\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_request_id\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\"\xdb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.jdisagg.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.jdisagg.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.jdisagg.v1.TopLogprobs\"\xe0\x01\n\x15GenerateUnaryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.jdisagg.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.jdisagg.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.jdisagg.v1.TopLogprobs*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.jdisagg.v1.GenerateRequest\x1a\x1c.jdisagg.v1.GenerateResponse0\x01\x12O\n\rGenerateUnary\x12\x1b.jdisagg.v1.GenerateRequest\x1a!.jdisagg.v1.GenerateUnaryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jdisagg.v1.jdisagg_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=906
-  _globals['_FINISHREASON']._serialized_end=1026
+  _globals['_FINISHREASON']._serialized_start=1124
+  _globals['_FINISHREASON']._serialized_end=1244
   _globals['_TOKENIDS']._serialized_start=40
   _globals['_TOKENIDS']._serialized_end=63
   _globals['_SAMPLINGPARAMS']._serialized_start=66
-  _globals['_SAMPLINGPARAMS']._serialized_end=330
-  _globals['_GENERATEREQUEST']._serialized_start=333
-  _globals['_GENERATEREQUEST']._serialized_end=504
-  _globals['_USAGE']._serialized_start=506
-  _globals['_USAGE']._serialized_end=585
-  _globals['_GENERATERESPONSE']._serialized_start=588
-  _globals['_GENERATERESPONSE']._serialized_end=742
-  _globals['_GENERATEUNARYRESPONSE']._serialized_start=745
-  _globals['_GENERATEUNARYRESPONSE']._serialized_end=904
-  _globals['_GENERATION']._serialized_start=1029
-  _globals['_GENERATION']._serialized_end=1195
+  _globals['_SAMPLINGPARAMS']._serialized_end=366
+  _globals['_GENERATEREQUEST']._serialized_start=369
+  _globals['_GENERATEREQUEST']._serialized_end=540
+  _globals['_TOPLOGPROBS']._serialized_start=542
+  _globals['_TOPLOGPROBS']._serialized_end=592
+  _globals['_USAGE']._serialized_start=594
+  _globals['_USAGE']._serialized_end=673
+  _globals['_GENERATERESPONSE']._serialized_start=676
+  _globals['_GENERATERESPONSE']._serialized_end=895
+  _globals['_GENERATEUNARYRESPONSE']._serialized_start=898
+  _globals['_GENERATEUNARYRESPONSE']._serialized_end=1122
+  _globals['_GENERATION']._serialized_start=1247
+  _globals['_GENERATION']._serialized_end=1413
 # @@protoc_insertion_point(module_scope)
