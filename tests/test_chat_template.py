@@ -7,13 +7,19 @@ end-of-turn tokens, a post-processor that adds BOS to plain text, and a template
 from __future__ import annotations
 
 import json
+import shutil
 
+import httpx
 import pytest
+import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from jdisagg.chat_template import DEMO_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
+from jdisagg.engine import Engine
+from jdisagg.sampling_params import SamplingParams
 from jdisagg.serving.openai.defaults import GenerationDefaults
+from jdisagg.serving.openai.server import HTTPServer
 from jdisagg.tokenizer import ByteTokenizer, HFTokenizer
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -110,3 +116,40 @@ def test_generation_config_sets_the_defaults(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9,
                                                                  "eos_token_id": [1, 2]}))
     assert GenerationDefaults.for_model(tmp_path) == GenerationDefaults(temperature=0.6, top_p=0.9, top_k=0)
+
+
+def test_served_chat_prompt_is_transformers_and_generation_config_applies(llama3_dir, tmp_path):
+    """A tiny random Llama with this tokenizer, served: the chat prompt the server builds is transformers'
+    token for token, and generation_config.json's temperature 0 makes a request without one greedy."""
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_dir)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
+    )
+    checkpoint = tmp_path / "tiny-llama3-instruct"
+    transformers.LlamaForCausalLM(config).float().eval().save_pretrained(checkpoint, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama3_dir / name, checkpoint / name)
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": eot, "temperature": 0.0}))
+    messages = MESSAGES[:2]
+    expected = hf(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False)["input_ids"]
+
+    http = HTTPServer("127.0.0.1", 0, "tiny", ChatTemplate.for_model(checkpoint),
+                      GenerationDefaults.for_model(checkpoint))
+    with Engine(checkpoint, prefill_mesh="1x1", decode_mesh="1x1", max_batch=2, max_context=64,
+                progress=False) as engine:
+        http.serve(engine)
+        try:
+            reply = httpx.post(f"http://127.0.0.1:{http.port}/v1/chat/completions", timeout=120, json={
+                "model": "tiny", "messages": messages, "max_tokens": 8, "return_token_ids": True,
+            }).json()
+            greedy = engine.generate([expected], SamplingParams(max_tokens=8))[0]
+        finally:
+            http.shutdown()
+    choice = reply["choices"][0]
+    assert choice["prompt_token_ids"] == expected
+    assert choice["token_ids"] == greedy.token_ids and choice["message"]["content"] == greedy.text
+    assert reply["usage"]["prompt_tokens"] == len(expected)
