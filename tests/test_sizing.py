@@ -8,12 +8,23 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import Mesh
 
 from jdisagg.engine import Engine
-from jdisagg.memory import GIB, KVShape, budget_from_memory, pages_for_budget, resolve_kv_cache_dtype
+from jdisagg.memory import (
+    GIB,
+    KVShape,
+    budget_from_memory,
+    decode_workspace,
+    pages_for_budget,
+    resolve_kv_cache_dtype,
+)
+from jdisagg.meshes import PHASE_RULES, TP_AXIS, param_sharding_fn
 from jdisagg.models.demo import DEMO_CONFIG
 from jdisagg.models.loading import load_model, serving_dtype
 from jdisagg.sampling_params import SamplingParams
+from jdisagg.sizes import plan_sizes
 
 DEMO_KV = KVShape(DEMO_CONFIG.num_layers, DEMO_CONFIG.num_kv_heads, DEMO_CONFIG.head_dim, tp=2,
                   dtype="float32")
@@ -106,3 +117,19 @@ def test_processes_refuse_what_their_workers_would_ignore():
     assert result.stderr.strip().splitlines()[-1] == (
         "jdisagg: error: --dtype, --kv-cache-gb not supported with --processes yet: size the cache with "
         "--num-pages (workers started by hand take --dtype/--kv-cache-dtype)")
+
+
+def test_decode_workspace_is_measured_and_grows_with_batch_and_context():
+    """The reserve subtracted from device memory comes from the compiled decode program itself."""
+    source, _ = load_model(None)
+    mesh = Mesh(np.array(jax.devices()[:2]), (TP_AXIS,))
+    heads = {"num_heads": DEMO_CONFIG.num_heads, "num_kv_heads": DEMO_CONFIG.num_kv_heads}
+    graphdef, state = nnx.split(source.load(param_sharding_fn(mesh, PHASE_RULES["decode"], heads)))
+
+    def workspace(max_batch: int, max_context: int) -> int:
+        sizes = plan_sizes(DEMO_CONFIG, page_size=16, max_batch=max_batch, max_context=max_context,
+                           num_pages=None)
+        return decode_workspace(graphdef, state, mesh, sizes, DEMO_KV, None)
+
+    small, large = workspace(2, 128), workspace(4, 512)
+    assert 0 < small and 4 * small <= large
