@@ -23,7 +23,7 @@ from jdisagg.v1 import jdisagg_pb2 as pb
 from jdisagg.v1 import jdisagg_pb2_grpc as pb_grpc
 
 CLI = [sys.executable, "-m", "jdisagg.cli"]
-DEFAULT_PORTS = (50051, 9400)
+DEFAULT_PORTS = (50051, 9400, 8000)  # gRPC, metrics, OpenAI-compatible HTTP
 START_TIMEOUT_S = 600.0  # the default configuration compiles every bucket up to 1024 tokens
 
 
@@ -77,7 +77,7 @@ def test_bad_flag_value_is_one_line_exit_2(capsys):
 def test_impossible_mesh_is_one_line_exit_2():
     result = _run("launch", "--prefill-mesh", "9x1")
     assert result.returncode == 2
-    assert result.stderr.startswith("jdisagg: error: prefill mesh 9x1") and "8 cpu devices" in result.stderr
+    assert result.stderr.startswith("jdisagg: error: prefill mesh 9x1") and "need 13 devices" in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stdout == ""
 
@@ -90,8 +90,9 @@ def test_info_prints_layout_and_shardings(capsys):
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """``jdisagg launch`` with no flags at all, so on the default ports."""
+def launched(tmp_path_factory, kv_page_watch) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``jdisagg launch`` with no flags at all, so on the default ports (its KV pages checked after each
+    test through the metrics endpoint)."""
     taken = [p for p in DEFAULT_PORTS if _port_taken(p)]
     if taken:
         pytest.skip(f"default port(s) {taken} in use by another process")
@@ -103,6 +104,7 @@ def launched(tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], Path]]
     except TimeoutError as exc:
         process.kill()
         pytest.fail(f"{exc}\n{(logs / 'err').read_text(errors='replace')[-3000:]}")
+    kv_page_watch.watch_metrics(f"http://127.0.0.1:{DEFAULT_PORTS[1]}/metrics")
     yield process, logs
     if process.poll() is None:
         process.kill()
@@ -115,10 +117,30 @@ def test_launch_without_flags_serves(launched):
     assert "devices: 8 cpu device(s)" in log and "prefill[0]: tp=4" in log and "decode[1]: tp=2" in log
 
 
+def _unary(prompt: str, **sampling) -> pb.GenerateUnaryResponse:
+    """The server's own answer over gRPC, to compare what the CLI prints with."""
+    with grpc.insecure_channel(f"127.0.0.1:{DEFAULT_PORTS[0]}") as channel:
+        return pb_grpc.GenerationStub(channel).GenerateUnary(make_request(prompt, **sampling), timeout=120)
+
+
 def test_generate_streams_from_the_server(launched):
+    """Seeded sampling is reproducible, so the streamed text must be exactly what the server returns."""
     result = _run("generate", "--max-tokens", "4", "--seed", "1", "--temperature", "0.5", "hello")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.endswith("\n") and result.stderr == ""
+    expected = _unary("hello", max_tokens=4, seed=1, temperature=0.5)
+    assert len(expected.token_ids) == 4 and expected.text
+    assert result.stdout == expected.text + "\n" and result.stderr == ""
+
+
+def test_generate_stop_cuts_the_printed_text(launched):
+    """``--stop`` on a piece of the greedy text: printed up to it, the piece and what follows never are."""
+    greedy = _unary("ROMEO:", max_tokens=40, temperature=0.0).text
+    assert len(greedy) == 40 and greedy.isascii()  # byte-level demo model: one character per token
+    at = next(i for i in range(12, 30) if greedy.index(greedy[i : i + 4]) == i)
+    stop = greedy[at : at + 4]
+    result = _run("generate", "--max-tokens", "40", "--temperature", "0", "--stop", stop, "ROMEO:")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy[:at] + "\n"
 
 
 def test_generate_reports_grpc_errors(launched):
