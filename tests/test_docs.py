@@ -27,8 +27,9 @@ Rules, so that sections added later are covered the same way:
 - Python blocks run in a fresh interpreter without the suite's JAX settings (no ``XLA_FLAGS``, no
   ``JAX_PLATFORMS``), as a reader's would, and must print something.
 
-Cost on the shared 2-core machine: see the report of the change that added this file; dominated by the
-compiles of one default ``jdisagg launch``, one ``--processes`` launch and the README's Python example.
+Cost: dominated by the compiles of one default ``jdisagg launch``, one ``--processes`` launch (both use the
+persistent compile cache) and the README's Python example (which does not). On the shared 2-core machine
+under heavy load from other work: 8m50s wall, 3.5 CPU-minutes, with a warm cache; 18 min with a cold one.
 """
 
 from __future__ import annotations
