@@ -32,7 +32,7 @@ from jdisagg.serving.openai.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    _GenerationRequest,
+    GenerationRequest,
     parse_body,
 )
 
@@ -111,7 +111,7 @@ def create_app(state: ServingState) -> FastAPI:
     return app
 
 
-def _checked(state: ServingState, body: _GenerationRequest) -> Engine:
+def _checked(state: ServingState, body: GenerationRequest) -> Engine:
     engine = state.ready_engine()
     if body.model != state.model_name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
@@ -124,7 +124,7 @@ def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
 
 
 def _sampling_params(
-    engine: Engine, body: _GenerationRequest, defaults: GenerationDefaults, prompt: list[int],
+    engine: Engine, body: GenerationRequest, defaults: GenerationDefaults, prompt: list[int],
     max_tokens: int | None, num_top: int | None,
 ) -> SamplingParams:
     """Left-out knobs take the model's defaults; no ``max_tokens`` means "up to the context's end"."""
@@ -144,7 +144,7 @@ def _sampling_params(
 
 
 def _submit_all(
-    engine: Engine, body: _GenerationRequest, defaults: GenerationDefaults, prompts: Sequence[list[int]],
+    engine: Engine, body: GenerationRequest, defaults: GenerationDefaults, prompts: Sequence[list[int]],
     max_tokens: int | None, num_top: int | None, request_id: str,
 ) -> list[RequestStream]:
     """``n`` engine requests per prompt, choice ``i`` seeded ``seed + i`` (distinct yet reproducible).
@@ -166,7 +166,7 @@ def _submit_all(
     return streams
 
 
-def _api_error(exc: BaseException, body: _GenerationRequest) -> BaseException:
+def _api_error(exc: BaseException, body: GenerationRequest) -> BaseException:
     """The engine's refusals as HTTP errors (the same classes the gRPC service maps to status codes)."""
     if isinstance(exc, ValueError):
         word = str(exc).split(" ", 1)[0]
@@ -185,7 +185,7 @@ def _output_error(output: Output) -> APIError:
 
 
 async def _serve(
-    state: ServingState, engine: Engine, body: _GenerationRequest, prompts: list[list[int]],
+    state: ServingState, engine: Engine, body: GenerationRequest, prompts: list[list[int]],
     max_tokens: int | None, num_top: int | None, request: Request, fmt: ResponseFormat,
 ) -> Response:
     streams = _submit_all(engine, body, state.defaults, prompts, max_tokens, num_top, fmt.id)

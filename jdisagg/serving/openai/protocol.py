@@ -38,7 +38,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class GenerationRequest(BaseModel):
     """Fields both endpoints share (OpenAI's, plus vLLM's ``top_k``, ``ignore_eos``, ``stop_token_ids``,
     ``return_token_ids``)."""
 
@@ -82,7 +82,7 @@ class _GenerationRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     # A string, a list of strings, token ids, or a list of token-id lists (one choice set per prompt).
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
@@ -117,7 +117,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both work
     max_completion_tokens: int | None = None
@@ -132,8 +132,22 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or None
+        field = _field_path(error["loc"])
         if error["type"] == "json_invalid":
             raise APIError(400, f"the request body is not valid JSON: {error['msg']}") from None
         where = f"{field}: " if field else ""
         raise APIError(400, f"{where}{error['msg']}", param=field) from None
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: tuple[str | int, ...]) -> str | None:
+    """``messages.0.role`` from pydantic's location, without the union branch names it appends
+    (``prompt.list[int].0`` is the field ``prompt``)."""
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and (not part.isidentifier() or part in _TYPE_NAMES):
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
