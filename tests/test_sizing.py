@@ -75,7 +75,7 @@ def test_engine_sizes_kv_from_a_budget_in_bfloat16():
     budget pays for, and the engine serves from it."""
     page = KVShape(4, 4, 32, tp=2, dtype="bfloat16").page_bytes(16)
     budget_pages = 40
-    with Engine(None, prefill_mesh="2x1", decode_mesh="2x1", max_context=256, max_batch=2, progress=False,
+    with Engine(None, prefill_mesh="2x1", decode_mesh="2x1", max_context=64, max_batch=2, progress=False,
                 dtype="bfloat16", kv_cache_dtype="bfloat16", kv_cache_gb=budget_pages * page / GIB) as engine:
         assert engine.config.dtype == "bfloat16"
         assert engine.stats()["pages_total"] == [budget_pages - 1]
