@@ -67,7 +67,10 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        ready = state.engine is not None and not state.closing
+        """200 only while requests can be served: warm, not shutting down, and (with worker processes) a
+        live prefill and a live decode worker, as gRPC health reports."""
+        engine = state.engine
+        ready = engine is not None and not state.closing and all(engine.live_replicas().values())
         return Response(status_code=200 if ready else 503)
 
     @app.get("/v1/models")
