@@ -290,13 +290,17 @@ def _launch_fails(*flags: str) -> str:
     return lines[0]
 
 
-def test_launch_refuses_a_missing_chat_template_and_a_taken_http_port(tmp_path):
+def test_launch_refuses_a_missing_chat_template(tmp_path):
     missing = tmp_path / "missing.jinja"
     assert _launch_fails("--chat-template", str(missing)) == (
         f"jdisagg: error: chat template file {str(missing)!r} does not exist")
+
+
+def test_a_taken_http_port_is_refused_at_once():
+    """Before the engine is built (launch turns this OSError into its one-line exit 2)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert _launch_fails("--http-port", str(port)).startswith(
-            f"jdisagg: error: cannot listen for HTTP on 127.0.0.1:{port}")
+        with pytest.raises(OSError, match=f"cannot listen for HTTP on 127.0.0.1:{port}"):
+            HTTPServer("127.0.0.1", port, MODEL, None)
