@@ -52,6 +52,7 @@ from jdisagg.replicas import (
     build_prefill_replica,
 )
 from jdisagg.requests import Request, RequestStream
+from jdisagg.sampling import Sampled
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.serving.devices import devices_needed, provide_cpu_devices
 from jdisagg.sizes import ServingSizes, plan_sizes
@@ -72,12 +73,19 @@ class _Sequence:
 
 
 @dataclass(eq=False)
+class _Step:
+    """A decode step in flight: the replica's handle and the rows it computes, in order."""
+
+    handle: Any
+    rows: list[_Sequence]
+
+
+@dataclass(eq=False)
 class _Handoff:
     request: Request
     replica: DecodeReplica
     pages: list[int]
-    token: jax.Array
-    logprob: jax.Array
+    sampled: Sampled  # the first token, one row of device arrays
     kv: Any  # the replica pair's hand-off: (k, v) arrays in process, an offer to pull across processes
 
 
@@ -343,7 +351,7 @@ class Engine:
             )
         request_id = request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else random.getrandbits(32)
-        sampling = SamplingRow(params.temperature, params.top_k, params.top_p, seed)
+        sampling = SamplingRow(params.temperature, params.top_k, params.top_p, seed, params.logprobs)
         stream = RequestStream(request_id, self.abort)
         request = Request(
             request_id,
@@ -459,10 +467,14 @@ class Engine:
     ) -> None:
         self._detok.put((request, token_ids, finish, error))
 
-    def _on_token(self, request: Request, token: int, logprob: float) -> FinishReason | None:
-        """Record a sampled token, stream it, and say whether the request is now done."""
+    def _on_token(self, request: Request, sampled: Sampled, row: int) -> FinishReason | None:
+        """Record row ``row`` of a sampled batch, stream it, and say whether the request is now done."""
+        token = int(sampled.tokens[row])
         request.output_ids.append(token)
-        request.logprobs.append(logprob)
+        request.logprobs.append(float(sampled.logprobs[row]))
+        if k := request.params.logprobs:
+            ids, lps = sampled.top_ids[row][:k].tolist(), sampled.top_logprobs[row][:k].tolist()
+            request.top_logprobs.append(list(zip(ids, lps, strict=True)))
         self.metrics.generation_tokens.inc()
         p = request.params
         finish = None
@@ -528,14 +540,14 @@ class Engine:
                 self.metrics.queue_time.observe(m.scheduled - m.arrival)
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             try:
-                token, logprob, kv = prefill.run(request.all_ids, request.sampling, request.next_forced)
+                sampled, kv = prefill.run(request.all_ids, request.sampling, request.next_forced)
             except WorkerUnavailableError as exc:
                 self._retry_elsewhere(request, target, pages, exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the stage
                 self._fail(request, target, pages, exc)
                 continue
-            self._transfers.put(_Handoff(request, target, pages, token, logprob, kv))
+            self._transfers.put(_Handoff(request, target, pages, sampled, kv))
 
     def live_replicas(self) -> dict[str, int]:
         """Replicas per role that can take work now: all of them in process; live workers across processes
@@ -573,9 +585,7 @@ class Engine:
         while (item := self._transfers.get()) is not None:
             request, target = item.request, item.replica
             try:
-                finish = self._on_token(
-                    request, int(np.asarray(item.token)[0]), float(np.asarray(item.logprob)[0])
-                )
+                finish = self._on_token(request, Sampled(*(np.asarray(x) for x in item.sampled)), 0)
                 if finish is not None or request.cancel is not None:
                     self._release(target, item.pages)
                     self._report(request, [], finish or request.cancel)
@@ -593,11 +603,20 @@ class Engine:
     # ------------------------------------------------------------------ decode
 
     def _decode_loop(self, replica: DecodeReplica) -> None:
+        """Continuous batching on one decode replica.
+
+        When the next step runs the same rows as the one in flight (the steady state), it is dispatched
+        *before* the host reads the in-flight step's tokens: those tokens feed it on device, so the device
+        never waits for Python to stream tokens, check stops or build the next step. A row that finishes in
+        the step being read then computes one token in the step behind it, which is dropped. Any change to
+        the batch (a row joins, ends, is cancelled or needs preempting) first reads the step in flight.
+        """
         running: list[_Sequence] = []
         ready: list[_Sequence] = []
+        inflight: _Step | None = None
         inbox = self._inboxes[replica.index]
         while True:
-            idle = not running and not ready
+            idle = not running and not ready and inflight is None
             try:
                 item = inbox.get(timeout=_IDLE_POLL_S) if idle else inbox.get_nowait()
                 while True:
@@ -614,32 +633,69 @@ class Engine:
                 self._report(seq.request, [], seq.request.cancel)
             while ready and len(running) < self.max_batch:
                 running.append(ready.pop(0))
-            self._grow(replica, running, ready)
-            self._update_gauges()
-            self.metrics.running.labels(str(replica.index)).set(len(running))
-            if not running:
-                continue
             try:
-                tokens, logprobs = replica.step(
-                    [s.request.all_ids[-1] for s in running],
-                    [len(s.request.all_ids) - 1 for s in running],
-                    [s.pages for s in running],
-                    [s.request.sampling for s in running],
-                    [s.request.next_forced for s in running],
-                )
+                if inflight is not None:
+                    ahead = self._step_ahead(replica, inflight, running)
+                    self._collect(replica, inflight, running)
+                    inflight = ahead
+                    continue
+                self._grow(replica, running, ready)
+                self._update_gauges()
+                self.metrics.running.labels(str(replica.index)).set(len(running))
+                if running:
+                    inflight = _Step(self._dispatch(replica, running, None), list(running))
             except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
                 for seq in running + ready:
                     self._fail(seq.request, replica, seq.pages, exc)
                 running.clear()
                 ready.clear()
+                inflight = None
                 replica.reset_pools()
+
+    def _dispatch(self, replica: DecodeReplica, rows: list[_Sequence], behind: _Step | None) -> Any:
+        """Dispatch a step for ``rows``: from their last host tokens, or behind the step in flight."""
+        offset = 0 if behind is None else 1  # behind a step, each row is one token further
+        return replica.dispatch(
+            behind.handle if behind is not None else [s.request.all_ids[-1] for s in rows],
+            [len(s.request.all_ids) - 1 + offset for s in rows],
+            [s.pages for s in rows],
+            [s.request.sampling for s in rows],
+            [s.request.next_forced for s in rows],
+        )
+
+    def _step_ahead(self, replica: DecodeReplica, inflight: _Step, running: list[_Sequence]) -> _Step | None:
+        """The next step, dispatched behind ``inflight`` when nothing about the batch has to change first:
+        the same rows in the same order, none forced, none that the in-flight token ends by length, and a
+        page for every row's next token without preempting anyone."""
+        if not replica.overlaps or inflight.rows != running:
+            return None
+        for seq in running:
+            r = seq.request
+            if r.forced_ids or len(r.output_ids) + 1 >= r.params.max_tokens:
+                return None
+            if len(r.all_ids) + 1 >= self.max_context:
+                return None
+        for seq in running:
+            need = pages_needed(len(seq.request.all_ids) + 1, self.page_size) - len(seq.pages)
+            if need > 0:
+                try:
+                    seq.pages += replica.allocator.allocate(need)
+                except OutOfPages:
+                    return None
+        return _Step(self._dispatch(replica, running, inflight), list(running))
+
+    def _collect(self, replica: DecodeReplica, step: _Step, running: list[_Sequence]) -> None:
+        """Read a step's tokens and apply them to the rows still running (a row that ended meanwhile, by a
+        cancel, a preemption or in the step before, ignores its token)."""
+        sampled = replica.collect(step.handle)
+        for row, seq in enumerate(step.rows):
+            if seq not in running:
                 continue
-            for seq, token, logprob in zip(list(running), tokens, logprobs, strict=True):
-                finish = self._on_token(seq.request, int(token), float(logprob))
-                if finish is not None:
-                    running.remove(seq)
-                    self._release(replica, seq.pages)
-                    self._report(seq.request, [], finish)
+            finish = self._on_token(seq.request, sampled, row)
+            if finish is not None:
+                running.remove(seq)
+                self._release(replica, seq.pages)
+                self._report(seq.request, [], finish)
 
     def _admit(
         self,
@@ -729,7 +785,7 @@ class Engine:
                     delta = state.text[state.emitted :]
                     state.emitted = len(state.text)
                     if token_ids or delta:
-                        request.stream._push(StreamChunk(request.id, token_ids, delta))
+                        request.stream._push(self._chunk(request, state, token_ids, delta))
                     continue
                 finish = FinishReason.STOP
             holdback = 0 if finish is not None else max((len(s) for s in request.params.stop), default=1) - 1
@@ -738,7 +794,7 @@ class Engine:
             state.emitted = end
             if finish is None:
                 if token_ids or delta:
-                    request.stream._push(StreamChunk(request.id, token_ids, delta))
+                    request.stream._push(self._chunk(request, state, token_ids, delta))
                 continue
             self._finish(request, state, token_ids, delta, finish, error)
             del states[request.id]
@@ -784,6 +840,7 @@ class Engine:
             error,
             request.logprobs[: len(state.token_ids)],
             request.error_code if finish is FinishReason.ERROR else None,
+            request.top_logprobs[: len(state.token_ids)],
         )
         with self._cv:
             self._live.pop(request.id, None)
@@ -792,4 +849,25 @@ class Engine:
         if m.tpot is not None:
             self.metrics.tpot.observe(m.tpot)
         request.stream._finish(output)
-        request.stream._push(StreamChunk(request.id, token_ids, delta, finish, error))
+        request.stream._push(self._chunk(request, state, token_ids, delta, finish, error))
+
+    @staticmethod
+    def _chunk(
+        request: Request,
+        state: _DetokState,
+        token_ids: list[int],
+        delta: str,
+        finish: FinishReason | None = None,
+        error: str | None = None,
+    ) -> StreamChunk:
+        """A chunk of the latest ``token_ids`` (the tail of ``state.token_ids``), with their logprobs."""
+        start, end = len(state.token_ids) - len(token_ids), len(state.token_ids)
+        return StreamChunk(
+            request.id,
+            token_ids,
+            delta,
+            finish,
+            error,
+            request.logprobs[start:end],
+            request.top_logprobs[start:end],
+        )

@@ -4,11 +4,14 @@ Each function here is pure (params and page pools in, tokens and new pools out) 
 shape bucket and replica at start-up with ``jit(...).lower(...).compile()``. Serving then only calls
 compiled executables, so a request of a new length never triggers a compile on the hot path.
 
-- prefill[T]   (prefill replica, TP): causal forward over a prompt padded to T, samples the first token and
-               returns the prompt's KV as ``[layers, T, kv_heads, head_dim]``.
+- prefill[T]   (prefill replica, TP): causal forward over a prompt padded to T; returns the logits of the
+               first token and the prompt's KV as ``[layers, T, kv_heads, head_dim]``.
 - insert[T]    (decode replica): scatters one prompt's KV into its pages of the donated pools.
-- decode[B]    (decode replica, TP): one token for each of B sequences; writes the new KV into its page and
+- decode[B, P] (decode replica, TP): one token for each of B sequences whose page tables fit P pages (so a
+               step reads the live context, not ``max_context``); writes the new KV into its page and
                runs paged attention through ``jdisagg.kernels`` in ``shard_map`` (kernels see local heads).
+- sample[B]    (both): tokens from logits (``jdisagg.sampling``), a program of its own so the sampler is
+               compiled once per batch bucket rather than into every prefill and decode program.
 """
 
 from __future__ import annotations
@@ -37,27 +40,18 @@ def _repeat_kv(x: jax.Array, stored_heads: int, axis: int) -> jax.Array:
 
 
 def prefill_fn(
-    graphdef: nnx.GraphDef,
-    state: Any,
-    tokens: jax.Array,
-    length: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    seed: jax.Array,
-    forced: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """tokens ``[1, T]`` (prompt padded at the end), length ``[]`` ->
-    first token ``[1]``, its logprob ``[1]``, k, v ``[L, T, KVH, D]``."""
+    graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, length: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """tokens ``[1, T]`` (prompt padded at the end), length ``[]`` -> logits of the next token ``[1, V]``
+    (float32), k, v ``[L, T, KVH, D]``."""
     model = nnx.merge(graphdef, state)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     hidden, kvs = model.prefill(tokens, positions)
     last = jax.lax.dynamic_slice_in_dim(hidden[0], length - 1, 1)
-    logits = model.logits(last)
-    token, logprob = sample_tokens(logits, temperature, top_k, top_p, seed, length[None], forced)
+    logits = model.logits(last).astype(jnp.float32)
     k = jnp.stack([k[0] for k, _ in kvs])
     v = jnp.stack([v[0] for _, v in kvs])
-    return token, logprob, k, v
+    return logits, k, v
 
 
 def insert_fn(
@@ -130,18 +124,13 @@ def decode_fn(
     tokens: jax.Array,
     positions: jax.Array,
     page_table: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    seeds: jax.Array,
-    forced: jax.Array,
-) -> tuple[jax.Array, jax.Array, KVPools]:
-    """tokens ``[B]`` at ``positions`` ``[B]`` -> next tokens ``[B]``, their logprobs, the updated pools."""
+) -> tuple[jax.Array, KVPools]:
+    """tokens ``[B]`` at ``positions`` ``[B]`` -> logits of each row's next token ``[B, V]`` (float32), the
+    updated pools."""
     model = nnx.merge(graphdef, state)
     attend = _paged_attend(mesh, page_size, stored_heads, scale, backend, page_table, positions)
     logits, pools = model.decode(tokens, positions, pools, attend)
-    tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, seeds, positions + 1, forced)
-    return tokens, logprobs, pools
+    return logits.astype(jnp.float32), pools
 
 
 def _abstract(tree: Any) -> Any:
@@ -152,14 +141,20 @@ def _spec(shape: tuple[int, ...], dtype: Any, mesh: Mesh) -> jax.ShapeDtypeStruc
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
 
 
-def _sampling_specs(batch: int, mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, ...]:
-    return (
-        _spec((batch,), jnp.float32, mesh),
-        _spec((batch,), jnp.int32, mesh),
-        _spec((batch,), jnp.float32, mesh),
-        _spec((batch,), jnp.uint32, mesh),
-        _spec((batch,), jnp.int32, mesh),
+def compile_sample(batch: int, vocab: int, mesh: Mesh) -> jax.stages.Compiled:
+    """The sampler as a program of its own, compiled per batch bucket only: prefill and decode hand it their
+    logits on device, so it is not compiled again into every (batch, page-table width) decode program."""
+    specs = (
+        _spec((batch, vocab), jnp.float32, mesh),  # logits
+        _spec((batch,), jnp.float32, mesh),  # temperature
+        _spec((batch,), jnp.int32, mesh),  # top_k
+        _spec((batch,), jnp.float32, mesh),  # top_p
+        _spec((batch,), jnp.uint32, mesh),  # seeds
+        _spec((batch,), jnp.int32, mesh),  # positions
+        _spec((batch,), jnp.int32, mesh),  # forced
+        _spec((batch,), jnp.int32, mesh),  # num_top
     )
+    return jax.jit(sample_tokens, out_shardings=NamedSharding(mesh, P())).lower(*specs).compile()
 
 
 def compile_prefill(
@@ -167,13 +162,12 @@ def compile_prefill(
 ) -> jax.stages.Compiled:
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
-        functools.partial(prefill_fn, graphdef), out_shardings=(replicated, replicated, kv_out, kv_out)
+        functools.partial(prefill_fn, graphdef), out_shardings=(replicated, kv_out, kv_out)
     )
     return fn.lower(
         _abstract(state),
         _spec((1, length), jnp.int32, mesh),
         _spec((), jnp.int32, mesh),
-        *_sampling_specs(1, mesh),
     ).compile()
 
 
@@ -195,7 +189,7 @@ def compile_decode(
     pools: KVPools,
     mesh: Mesh,
     batch: int,
-    max_pages: int,
+    table_width: int,
     page_size: int,
     stored_heads: int,
     scale: float,
@@ -204,7 +198,7 @@ def compile_decode(
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
         functools.partial(decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
-        out_shardings=(replicated, replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
+        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
         donate_argnums=(1,),
     )
     return fn.lower(
@@ -212,8 +206,7 @@ def compile_decode(
         _abstract(pools),
         _spec((batch,), jnp.int32, mesh),
         _spec((batch,), jnp.int32, mesh),
-        _spec((batch, max_pages), jnp.int32, mesh),
-        *_sampling_specs(batch, mesh),
+        _spec((batch, table_width), jnp.int32, mesh),
     ).compile()
 
 

@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg.kv_cache import SCRATCH_PAGE, PageAllocator, init_page_pools, kv_sharding
 from jdisagg.meshes import PHASE_RULES, TP_AXIS, ShardRule, param_spec, stored_kv_heads
-from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill
+from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill, compile_sample
+from jdisagg.sampling import Sampled
 from jdisagg.sizes import ServingSizes
 
 CompileTask = tuple[str, Callable[[], None]]
@@ -33,6 +34,15 @@ class SamplingRow:
     top_k: int
     top_p: float
     seed: int
+    num_top: int = 0  # most likely alternatives to return per token (0: none)
+
+
+@dataclass(frozen=True)
+class InFlightStep:
+    """A dispatched decode step: its sampled rows, still on device (the first ``rows`` are real)."""
+
+    rows: int
+    sampled: Sampled
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    vocab_size: int
 
 
 def param_path(keypath: tuple[Any, ...]) -> str:
@@ -77,17 +88,42 @@ def _put(mesh: Mesh, array: np.ndarray) -> jax.Array:
     return jax.device_put(array, NamedSharding(mesh, PartitionSpec()))
 
 
-def _sampling_arrays(
-    mesh: Mesh, rows: Sequence[SamplingRow], forced: Sequence[int], size: int
-) -> list[jax.Array]:
-    pad = size - len(rows)
-    return [
-        _put(mesh, np.array([r.temperature for r in rows] + [0.0] * pad, np.float32)),
-        _put(mesh, np.array([r.top_k for r in rows] + [0] * pad, np.int32)),
-        _put(mesh, np.array([r.top_p for r in rows] + [1.0] * pad, np.float32)),
-        _put(mesh, np.array([r.seed for r in rows] + [0] * pad, np.uint32)),
-        _put(mesh, np.array(list(forced) + [-1] * pad, np.int32)),
-    ]
+class Sampler:
+    """The sample programs of one replica, one per batch bucket (``programs.compile_sample``)."""
+
+    def __init__(self, mesh: Mesh, vocab_size: int, buckets: tuple[int, ...]) -> None:
+        self.mesh, self.vocab_size, self.buckets = mesh, vocab_size, buckets
+        self._compiled: dict[int, jax.stages.Compiled] = {}
+
+    def compile_tasks(self, owner: str) -> list[CompileTask]:
+        def task(batch: int) -> Callable[[], None]:
+            def run() -> None:
+                self._compiled[batch] = compile_sample(batch, self.vocab_size, self.mesh)
+
+            return run
+
+        return [(f"sample[{owner}] batch {b}", task(b)) for b in self.buckets]
+
+    def __call__(
+        self,
+        logits: jax.Array,
+        rows: Sequence[SamplingRow],
+        positions: Sequence[int],
+        forced: Sequence[int],
+    ) -> Sampled:
+        """Dispatch sampling of ``logits`` ``[batch, V]`` (on device) for ``rows``; padding rows: greedy."""
+        batch, mesh = logits.shape[0], self.mesh
+        pad = batch - len(rows)
+        return self._compiled[batch](
+            logits,
+            _put(mesh, np.array([r.temperature for r in rows] + [0.0] * pad, np.float32)),
+            _put(mesh, np.array([r.top_k for r in rows] + [0] * pad, np.int32)),
+            _put(mesh, np.array([r.top_p for r in rows] + [1.0] * pad, np.float32)),
+            _put(mesh, np.array([r.seed for r in rows] + [0] * pad, np.uint32)),
+            _put(mesh, np.array(list(positions) + [0] * pad, np.int32)),
+            _put(mesh, np.array(list(forced) + [-1] * pad, np.int32)),
+            _put(mesh, np.array([r.num_top for r in rows] + [0] * pad, np.int32)),
+        )
 
 
 class PrefillReplica:
@@ -108,6 +144,7 @@ class PrefillReplica:
         self._graphdef, self._state = graphdef, state
         self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
         self._compiled: dict[int, jax.stages.Compiled] = {}
+        self._sample = Sampler(mesh, shape.vocab_size, (1,))
 
     def compile_tasks(self) -> list[CompileTask]:
         def task(length: int) -> Callable[[], None]:
@@ -118,24 +155,23 @@ class PrefillReplica:
 
             return run
 
-        return [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
+        programs = [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
+        return programs + self._sample.compile_tasks(f"prefill {self.index}")
 
     def run(
         self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
-    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
-        """Dispatch prefill (asynchronously); returns device arrays (token ``[1]``, logprob ``[1]``, (k, v)).
+    ) -> tuple[Sampled, tuple[jax.Array, jax.Array]]:
+        """Dispatch prefill (asynchronously); returns device arrays: the first token sampled (one row) and
+        the prompt's (k, v).
 
         ``forced >= 0`` takes that token instead of sampling one (scoring a given continuation)."""
         length = bucket_for(len(token_ids), self.buckets)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, : len(token_ids)] = token_ids
-        token, logprob, k, v = self._compiled[length](
-            self._state,
-            _put(self.mesh, tokens),
-            _put(self.mesh, np.int32(len(token_ids))),
-            *_sampling_arrays(self.mesh, [sampling], [forced], 1),
+        logits, k, v = self._compiled[length](
+            self._state, _put(self.mesh, tokens), _put(self.mesh, np.int32(len(token_ids)))
         )
-        return token, logprob, (k, v)
+        return self._sample(logits, [sampling], [len(token_ids)], [forced]), (k, v)
 
 
 class DecodeReplica:
@@ -153,15 +189,16 @@ class DecodeReplica:
         *,
         num_pages: int,
         page_size: int,
-        max_context: int,
         prefill_buckets: tuple[int, ...],
         batch_buckets: tuple[int, ...],
+        page_buckets: tuple[int, ...],
         attention_backend: str | None,
         kv_dtype: jnp.dtype,
     ) -> None:
         self.index, self.mesh = index, mesh
-        self.page_size, self.max_pages = page_size, max_context // page_size
+        self.page_size = page_size
         self.prefill_buckets, self.batch_buckets = prefill_buckets, batch_buckets
+        self.page_buckets = page_buckets
         self.allocator = PageAllocator(num_pages)
         self._graphdef, self._state, self._shape = graphdef, state, shape
         self._backend, self._kv_dtype = attention_backend, kv_dtype
@@ -169,7 +206,8 @@ class DecodeReplica:
         self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
         self.pools = self._new_pools()
         self._insert: dict[int, jax.stages.Compiled] = {}
-        self._decode: dict[int, jax.stages.Compiled] = {}
+        self._decode: dict[tuple[int, int], jax.stages.Compiled] = {}  # by (batch, page-table width)
+        self._sample = Sampler(mesh, shape.vocab_size, batch_buckets)
 
     def _new_pools(self):
         s = self._shape
@@ -203,15 +241,15 @@ class DecodeReplica:
 
             return run
 
-        def decode_task(batch: int) -> Callable[[], None]:
+        def decode_task(batch: int, width: int) -> Callable[[], None]:
             def run() -> None:
-                self._decode[batch] = compile_decode(
+                self._decode[batch, width] = compile_decode(
                     self._graphdef,
                     self._state,
                     self.pools,
                     self.mesh,
                     batch,
-                    self.max_pages,
+                    width,
                     self.page_size,
                     self.stored_heads,
                     s.head_dim**-0.5,
@@ -221,8 +259,10 @@ class DecodeReplica:
             return run
 
         return [(f"insert[{self.index}] len {n}", insert_task(n)) for n in self.prefill_buckets] + [
-            (f"decode[{self.index}] batch {b}", decode_task(b)) for b in self.batch_buckets
-        ]
+            (f"decode[{self.index}] batch {b} pages {w}", decode_task(b, w))
+            for b in self.batch_buckets
+            for w in self.page_buckets
+        ] + self._sample.compile_tasks(f"decode {self.index}")
 
     def receive(self, kv: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], int]:
         """The KV hand-off: move prefill's KV onto this replica, resharded to its kv-head split. Blocks
@@ -241,6 +281,45 @@ class DecodeReplica:
         ids[:n] = pages[:n]
         self.pools = self._insert[length](self.pools, k, v, _put(self.mesh, ids))
 
+    overlaps = True  # dispatch returns before the step has run: the engine may queue the next one behind it
+
+    def dispatch(
+        self,
+        tokens: Sequence[int] | InFlightStep,
+        positions: Sequence[int],
+        pages: Sequence[Sequence[int]],
+        sampling: Sequence[SamplingRow],
+        forced: Sequence[int],
+    ) -> InFlightStep:
+        """Queue one decode step (and its sampling) for ``len(positions)`` sequences and return at once.
+
+        ``tokens`` are the host ids of each row's last token, or a step still in flight for the same rows in
+        the same order: its sampled tokens then feed this step on device, without a trip to the host.
+        """
+        n = len(positions)
+        batch = bucket_for(n, self.batch_buckets)
+        width = bucket_for(max(len(p) for p in pages), self.page_buckets)
+        pos = np.zeros((batch,), np.int32)
+        table = np.full((batch, width), SCRATCH_PAGE, np.int32)
+        pos[:n] = positions
+        for row, seq_pages in enumerate(pages):
+            table[row, : len(seq_pages)] = seq_pages
+        if isinstance(tokens, InFlightStep):
+            tok = tokens.sampled.tokens
+        else:
+            tok = np.zeros((batch,), np.int32)
+            tok[:n] = tokens
+            tok = _put(self.mesh, tok)
+        logits, self.pools = self._decode[batch, width](
+            self._state, self.pools, tok, _put(self.mesh, pos), _put(self.mesh, table)
+        )
+        return InFlightStep(n, self._sample(logits, sampling, [p + 1 for p in positions], forced))
+
+    @staticmethod
+    def collect(step: InFlightStep) -> Sampled:
+        """The step's sampled rows as host arrays (blocks until it has run)."""
+        return Sampled(*(np.asarray(x)[: step.rows] for x in step.sampled))
+
     def step(
         self,
         tokens: Sequence[int],
@@ -248,30 +327,16 @@ class DecodeReplica:
         pages: Sequence[Sequence[int]],
         sampling: Sequence[SamplingRow],
         forced: Sequence[int],
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One decode step for ``len(tokens)`` sequences: their next tokens and logprobs (blocks on them)."""
-        n = len(tokens)
-        batch = bucket_for(n, self.batch_buckets)
-        tok = np.zeros((batch,), np.int32)
-        pos = np.zeros((batch,), np.int32)
-        table = np.full((batch, self.max_pages), SCRATCH_PAGE, np.int32)
-        tok[:n], pos[:n] = tokens, positions
-        for row, seq_pages in enumerate(pages):
-            table[row, : len(seq_pages)] = seq_pages
-        out, logprobs, self.pools = self._decode[batch](
-            self._state,
-            self.pools,
-            _put(self.mesh, tok),
-            _put(self.mesh, pos),
-            _put(self.mesh, table),
-            *_sampling_arrays(self.mesh, sampling, forced, batch),
-        )
-        return np.asarray(out)[:n], np.asarray(logprobs)[:n]
+    ) -> Sampled:
+        """One decode step, dispatched and collected."""
+        return self.collect(self.dispatch(tokens, positions, pages, sampling, forced))
 
 
 def model_shape(graphdef: nnx.GraphDef, state: Any) -> ModelShape:
     config = nnx.merge(graphdef, state).config
-    return ModelShape(config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim)
+    return ModelShape(
+        config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size
+    )
 
 
 def build_prefill_replica(
@@ -304,9 +369,9 @@ def build_decode_replica(
         shape,
         num_pages=sizes.num_pages,
         page_size=sizes.page_size,
-        max_context=sizes.max_context,
         prefill_buckets=sizes.prefill_buckets,
         batch_buckets=sizes.batch_buckets,
+        page_buckets=sizes.page_buckets,
         attention_backend=attention_backend,
         kv_dtype=jnp.dtype(kv_dtype or jax.tree.leaves(state)[0].dtype),
     )

@@ -9,7 +9,8 @@ each step. It costs what the batch asks for, and never sorts the vocabulary:
 - top-k / top-p only move a per-row *threshold*: the row keeps every token whose scaled logit is at least the
   threshold, then samples like temperature alone. The threshold comes from ``lax.top_k`` over a bounded
   candidate set when the filtered set fits in it (top-k <= candidates, or a nucleus inside the candidates'
-  mass) and otherwise from an exact bisection over the float ordering (32 masked sums over the vocabulary).
+  mass) and otherwise from an exact search over the float order (``_select``: interpolation probes, each one
+  masked sum over the vocabulary, until few enough elements remain for ``lax.top_k``).
   Both give the same threshold, so a row samples the same token whichever path its batch took.
 
 The random number of a token is ``uniform(fold_in(key(seed), position))``: a request samples the same tokens
@@ -119,7 +120,7 @@ def _thresholds(
     scaled: jax.Array, keys: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int
 ) -> jax.Array:
     """Per row, the order key of the smallest kept logit: from the candidates where the filtered set fits
-    in them, else from the exact bisection (only run when some row needs it)."""
+    in them, else from the exact search (only run when some row needs it)."""
     candidates = min(candidates, scaled.shape[-1])
     values, _ = jax.lax.top_k(scaled, candidates)
     ranks = jnp.arange(candidates)[None, :]
@@ -142,47 +143,96 @@ def _thresholds(
     return jax.lax.cond(
         jnp.all(fits),
         lambda: from_candidates,
-        lambda: jnp.where(fits, from_candidates, _bisect_thresholds(scaled, keys, top_k, top_p)),
+        lambda: jnp.where(fits, from_candidates, _search_thresholds(scaled, keys, top_k, top_p, candidates)),
     )
 
 
-def _largest_key(keys: jax.Array, holds) -> jax.Array:
-    """Per row, the largest uint32 key ``t`` for which ``holds(t)`` (monotone: true up to some key) is true;
-    ``holds`` is true at 0. 32 halvings of the key range."""
-    lo = jnp.zeros(keys.shape[:1], jnp.uint32)
-    hi = keys.max(-1)
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo + 1) // 2
-        ok = holds(mid) & (lo < hi)
-        return jnp.where(ok, mid, lo), jnp.where(ok | (lo >= hi), hi, mid - 1)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return lo
+def _key_values(keys: jax.Array) -> jax.Array:
+    """The float32 values of order keys (the inverse of ``_order_keys``)."""
+    positive = (keys >> 31) == 1
+    bits = jnp.where(positive, keys & jnp.uint32(0x7FFFFFFF), ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _bisect_thresholds(scaled: jax.Array, keys: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """The exact thresholds by bisection: the k-th largest key, then the nucleus inside the top-k set."""
+def _select(
+    scaled: jax.Array, keys: jax.Array, weights: jax.Array, target: jax.Array, floor: jax.Array, finish: int
+) -> jax.Array:
+    """Per row, the largest element key ``t`` with ``sum(weights[keys >= t]) >= target``, searching keys
+    ``>= floor`` (``floor`` itself when even the whole range falls short).
+
+    An exact search that needs no sort: it narrows a key interval ``[lo, hi)`` that holds the answer (the
+    weight at or above ``lo`` reaches the target, at or above ``hi`` it does not), probing by linear
+    interpolation of the weight in value space, every other probe at the key midpoint so that 64 probes halve
+    the key range 32 times at worst. Each probe is one pass over the vocabulary. Once at most ``finish``
+    elements lie in the interval, ``lax.top_k`` lists them and a cumulative sum from ``hi`` down picks the
+    answer (about 20 probes on a flat 32k-token distribution at top-p 0.9, where a bisection needs 32).
+    """
+    batch = keys.shape[0]
+    live = keys >= floor[:, None]
+    lo = floor
+    hi = keys.max(-1) + 1  # exclusive; keys of finite floats stay below 0xFF800000, so this cannot wrap
+    f_lo = jnp.where(live, weights, 0.0).sum(-1)
+    f_hi = jnp.zeros(batch, jnp.float32)
+    count = live.sum(-1)
+
+    def active(lo, hi, f_lo, count):
+        return (count > finish) & (f_lo >= target) & (hi - lo > 1)
+
+    def unfinished(state):
+        i, lo, hi, f_lo, _, count = state
+        return (i < 64) & jnp.any(active(lo, hi, f_lo, count))
+
+    def probe(state):
+        i, lo, hi, f_lo, f_hi, count = state
+        v_lo, v_hi = _key_values(lo), _key_values(hi - 1)
+        frac = jnp.clip((f_lo - target) / jnp.maximum(f_lo - f_hi, 1e-30), 0.0, 1.0)
+        guess = _order_keys(v_lo + frac * (v_hi - v_lo))
+        t = jnp.clip(jnp.where(i % 2 == 0, guess, lo + (hi - lo) // 2), lo + 1, hi - 1)
+        at_or_above = keys >= t[:, None]
+        f_t = jnp.where(at_or_above, weights, 0.0).sum(-1)
+        upper = (at_or_above & (keys < hi[:, None])).sum(-1)
+        lower = ((keys >= lo[:, None]) & ~at_or_above).sum(-1)
+        moving = active(lo, hi, f_lo, count)
+        up = moving & (f_t >= target)
+        down = moving & ~up
+        return (
+            i + 1,
+            jnp.where(up, t, lo),
+            jnp.where(down, t, hi),
+            jnp.where(up, f_t, f_lo),
+            jnp.where(down, f_t, f_hi),
+            jnp.where(up, upper, jnp.where(down, lower, count)),
+        )
+
+    _, lo, hi, f_lo, f_hi, _ = jax.lax.while_loop(unfinished, probe, (0, lo, hi, f_lo, f_hi, count))
+    inside = (keys >= lo[:, None]) & (keys < hi[:, None])
+    values, index = jax.lax.top_k(jnp.where(inside, scaled, -jnp.inf), finish)
+    picked = jnp.take_along_axis(jnp.where(inside, weights, 0.0), index, axis=-1)
+    reached = (f_hi[:, None] + jnp.cumsum(picked, axis=-1) >= target[:, None]) & (values > -jnp.inf)
+    answer = _order_keys(jnp.take_along_axis(values, jnp.argmax(reached, axis=-1)[:, None], axis=-1)[:, 0])
+    return jnp.where(reached.any(-1) & (f_lo >= target), answer, lo)
+
+
+def _search_thresholds(
+    scaled: jax.Array, keys: jax.Array, top_k: jax.Array, top_p: jax.Array, finish: int
+) -> jax.Array:
+    """The exact thresholds without candidates: the k-th largest key, then the nucleus inside that set."""
+    zero = jnp.zeros(keys.shape[:1], jnp.uint32)
     k_key = jax.lax.cond(
         jnp.any(top_k > 0),
         lambda: jnp.where(
             top_k > 0,
-            _largest_key(keys, lambda t: (keys >= t[:, None]).sum(-1) >= top_k),
+            _select(scaled, keys, jnp.ones_like(scaled), top_k.astype(jnp.float32), zero, finish),
             0,
         ),
-        lambda: jnp.zeros(keys.shape[:1], jnp.uint32),
+        lambda: zero,
     )
     in_top_k = keys >= k_key[:, None]
     probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
-
-    def nucleus_holds(t: jax.Array) -> jax.Array:
-        return jnp.where(keys >= t[:, None], probs, 0.0).sum(-1) >= top_p
-
     p_key = jax.lax.cond(
         jnp.any(top_p < 1.0),
-        lambda: jnp.where(top_p < 1.0, _largest_key(keys, nucleus_holds), 0),
-        lambda: jnp.zeros(keys.shape[:1], jnp.uint32),
+        lambda: jnp.where(top_p < 1.0, _select(scaled, keys, probs, top_p, k_key, finish), 0),
+        lambda: zero,
     )
     return jnp.maximum(k_key, p_key)
 

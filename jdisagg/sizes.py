@@ -28,6 +28,14 @@ class ServingSizes:
     def batch_buckets(self) -> tuple[int, ...]:
         return power_of_two_buckets(1, self.max_batch)
 
+    @property
+    def page_buckets(self) -> tuple[int, ...]:
+        """Page-table widths decode compiles for: a step attends over the smallest width that holds its
+        longest sequence, so its cost follows the live context, not ``max_context``. Powers of two from
+        256 tokens: at most 2x the live pages are read, for log2(max_context / 256) + 1 programs per batch
+        bucket (8 up to 32k tokens)."""
+        return power_of_two_buckets(min(self.max_pages, max(1, 256 // self.page_size)), self.max_pages)
+
 
 def plan_sizes(
     config: ModelConfig, *, page_size: int, max_batch: int, max_context: int | None, num_pages: int | None

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdisagg.sampling import sample_tokens
+from jdisagg.sampling import _order_keys, _thresholds, sample_tokens
 
 VOCAB = 12
 DRAWS = 40_000
@@ -113,3 +113,26 @@ def test_greedy_forced_logprobs_and_top_alternatives():
 def test_no_alternatives_are_computed_when_no_row_asks():
     out = _draw(0.0, 0, 1.0)
     assert not np.asarray(out.top_ids).any() and not np.asarray(out.top_logprobs).any()
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p"), [(0, 0.5), (0, 0.9), (0, 0.99), (100, 1.0), (1000, 0.9), (3000, 0.3)]
+)
+def test_the_search_finds_the_sort_based_threshold_on_a_large_vocabulary(top_k, top_p):
+    """Past the candidates, the search keeps exactly the sort-based filtered set (flat and peaked rows)."""
+    rng = np.random.default_rng(5)
+    logits = np.stack([rng.normal(size=5000) * scale for scale in (0.1, 1.0, 4.0)]).astype(np.float32)
+    rows = len(logits)
+    keys = _order_keys(jnp.asarray(logits))
+    threshold = _thresholds(
+        jnp.asarray(logits), keys, jnp.full(rows, top_k, jnp.int32), jnp.full(rows, top_p, jnp.float32), 16
+    )
+    kept = np.asarray(keys >= threshold[:, None])
+    for row, scaled in enumerate(logits.astype(np.float64)):
+        order = np.argsort(-scaled)[: top_k or scaled.size]
+        probs = np.exp(scaled[order] - scaled[order].max())
+        probs /= probs.sum()
+        expected = np.zeros(scaled.size, bool)
+        expected[order[np.cumsum(probs) - probs < top_p]] = True
+        # At most one token may differ, at a float knife-edge of the cumulative sums.
+        assert (kept[row] != expected).sum() <= 1, (row, kept[row].sum(), expected.sum())

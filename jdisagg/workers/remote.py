@@ -30,6 +30,8 @@ import numpy as np
 from jdisagg.errors import WorkerUnavailableError
 from jdisagg.kv_cache import PageAllocator
 from jdisagg.replicas import CompileTask, SamplingRow
+from jdisagg.sampling import Sampled
+from jdisagg.sampling_params import TOP_LOGPROBS
 from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
 
@@ -39,7 +41,22 @@ _LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def _row(s: SamplingRow) -> wpb.SamplingRow:
-    return wpb.SamplingRow(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+    return wpb.SamplingRow(
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, num_top=s.num_top
+    )
+
+
+def _sampled(tokens: Sequence[int], logprobs: Sequence[float], reply: Any) -> Sampled:
+    """A reply's rows as the in-process replicas return them (alternatives zero when no row asked)."""
+    rows = len(tokens)
+    shape = (rows, TOP_LOGPROBS)
+    top_ids = np.array(reply.top_ids, np.int32).reshape(shape) if reply.top_ids else np.zeros(shape, np.int32)
+    top_lps = (
+        np.array(reply.top_logprobs, np.float32).reshape(shape)
+        if reply.top_logprobs
+        else np.zeros(shape, np.float32)
+    )
+    return Sampled(np.array(tokens, np.int32), np.array(logprobs, np.float32), top_ids, top_lps)
 
 
 class RemoteReplica:
@@ -142,11 +159,11 @@ class RemotePrefillReplica(RemoteReplica):
 
     def run(
         self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
-    ) -> tuple[np.ndarray, np.ndarray, wpb.KVOffer]:
+    ) -> tuple[Sampled, wpb.KVOffer]:
         reply = self._call(
             "Prefill", wpb.PrefillRequest(token_ids=list(token_ids), sampling=_row(sampling), forced=forced)
         )
-        return np.array([reply.token]), np.array([reply.logprob]), reply.offer
+        return _sampled([reply.token], [reply.logprob], reply), reply.offer
 
 
 class RemoteDecodeReplica(RemoteReplica):
@@ -171,6 +188,23 @@ class RemoteDecodeReplica(RemoteReplica):
         except (WorkerUnavailableError, RuntimeError) as exc:
             log.debug("discard of staged KV %d failed: %s", staged.id, exc)
 
+    overlaps = False  # a step is one blocking RPC: nothing runs while the host reads it
+
+    def dispatch(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        pages: Sequence[Sequence[int]],
+        sampling: Sequence[SamplingRow],
+        forced: Sequence[int],
+    ) -> Sampled:
+        """The in-process replica's dispatch/collect pair over one blocking ``Step`` RPC."""
+        return self.step(tokens, positions, pages, sampling, forced)
+
+    @staticmethod
+    def collect(step: Sampled) -> Sampled:
+        return step
+
     def step(
         self,
         tokens: Sequence[int],
@@ -178,7 +212,7 @@ class RemoteDecodeReplica(RemoteReplica):
         pages: Sequence[Sequence[int]],
         sampling: Sequence[SamplingRow],
         forced: Sequence[int],
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> Sampled:
         request = wpb.StepRequest(
             tokens=list(tokens),
             positions=list(positions),
@@ -188,7 +222,7 @@ class RemoteDecodeReplica(RemoteReplica):
             forced=list(forced),
         )
         reply = self._call("Step", request)
-        return np.array(reply.tokens, np.int32), np.array(reply.logprobs, np.float32)
+        return _sampled(reply.tokens, reply.logprobs, reply)
 
     def reset_pools(self) -> None:
         if self.alive:

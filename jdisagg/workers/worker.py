@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 
 from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
@@ -100,6 +101,13 @@ def _rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
+def _top_fields(top_ids: np.ndarray, top_logprobs: np.ndarray, asked: bool) -> dict[str, list]:
+    """The most likely alternatives for a reply, flattened row-major; nothing when no row asked."""
+    if not asked:
+        return {}
+    return {"top_ids": top_ids.ravel().tolist(), "top_logprobs": top_logprobs.ravel().tolist()}
+
+
 class WorkerService(wpb_grpc.WorkerServicer):
     """The Worker API over one local replica. A method of the other role answers FAILED_PRECONDITION."""
 
@@ -126,13 +134,21 @@ class WorkerService(wpb_grpc.WorkerServicer):
         self._require("prefill", context)
         s = request.sampling
         with _rpc_errors(context):
-            token, logprob, (k, v) = self._replica.run(
-                list(request.token_ids), SamplingRow(s.temperature, s.top_k, s.top_p, s.seed), request.forced
+            sampled, (k, v) = self._replica.run(
+                list(request.token_ids),
+                SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top),
+                request.forced,
             )
             if not context.is_active():  # the front gave up on this call (e.g. evicted us mid-stall):
                 return wpb.PrefillReply()  # nobody would ever pull an offer, so make none
             offer = self._sender.offer(k, v)
-            return wpb.PrefillReply(token=int(token[0]), logprob=float(logprob[0]), offer=offer)
+            token, logprob, top_ids, top_logprobs = (np.asarray(x) for x in sampled)
+            return wpb.PrefillReply(
+                token=int(token[0]),
+                logprob=float(logprob[0]),
+                offer=offer,
+                **_top_fields(top_ids, top_logprobs, s.num_top > 0),
+            )
 
     def Pull(self, request: wpb.PullRequest, context: grpc.ServicerContext) -> wpb.PullReply:
         self._require("decode", context)
@@ -168,12 +184,16 @@ class WorkerService(wpb_grpc.WorkerServicer):
         for count in request.page_counts:
             pages.append(list(request.page_ids[offset : offset + count]))
             offset += count
-        rows = [SamplingRow(s.temperature, s.top_k, s.top_p, s.seed) for s in request.sampling]
+        rows = [SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top) for s in request.sampling]
         with _rpc_errors(context), self._pools:
-            tokens, logprobs = self._replica.step(
+            sampled = self._replica.step(
                 list(request.tokens), list(request.positions), pages, rows, list(request.forced)
             )
-            return wpb.StepReply(tokens=tokens.tolist(), logprobs=logprobs.tolist())
+            return wpb.StepReply(
+                tokens=sampled.tokens.tolist(),
+                logprobs=sampled.logprobs.tolist(),
+                **_top_fields(sampled.top_ids, sampled.top_logprobs, any(r.num_top for r in rows)),
+            )
 
     def Reset(self, request: wpb.Empty, context: grpc.ServicerContext) -> wpb.Empty:
         self._require("decode", context)

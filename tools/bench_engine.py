@@ -1,0 +1,407 @@
+"""Engine benchmarks: every system in one run on the same weights, so the ratios compare like with like.
+
+``peers``: HF transformers ``generate()`` (when installed), the jdisagg ``Engine`` colocated and
+disaggregated, and a plain jitted JAX loop over a dense KV cache (the same model code with no serving around
+it: the floor of our own stack). Prints output tok/s, TTFT and TPOT per system, and each one's ratio to HF
+and to the plain loop; greedy runs also check that every system produced the same tokens.
+
+``context``: decode cost against ``max_context`` for one fixed workload (the demo model, 64 requests of 32
+prompt + 128 output tokens at once): throughput should follow the live context, not the configured one.
+
+    python tools/bench_engine.py peers --config llama-124m --batch 1,16            # CPU, all four systems
+    python tools/bench_engine.py peers --config llama-124m --batch 16 --temperature 0.8 --top-p 0.9
+    python tools/bench_engine.py peers --config llama3-8b --dtype bfloat16 --batch 1,16 --no-hf   # one GPU
+    python tools/bench_engine.py context --contexts 256,1024,4096,16384
+    python tools/bench_engine.py sampling --vocab 128256 --batch 16      # the sampler's share of a step
+
+``--random-weights`` (the default for ``peers``) builds the model straight onto the device with no
+checkpoint on disk; HF then gets the same weights through a temporary safetensors directory (CPU sizes only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIGS = {
+    # The issue's 124M-parameter Llama: hidden 768, 12 layers, 12 q / 4 kv heads, vocab 32,000.
+    "llama-124m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                       num_kv_heads=4, head_dim=64, rope_theta=10000.0, max_position_embeddings=2048,
+                       tie_word_embeddings=False),
+    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                      num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                      num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+}
+
+
+@dataclass
+class Result:
+    system: str
+    batch: int
+    output_tok_s: float
+    ttft_ms: float  # mean over the batch
+    prefill_ms: float  # until every request of the batch had its first token
+    tpot_ms: float
+    tokens: list[list[int]] = dataclasses.field(repr=False)
+
+
+def model_config(name: str, dtype: str):
+    from jdisagg.models import ModelConfig
+
+    return ModelConfig(**CONFIGS[name], rms_norm_eps=1e-5, rope_scaling=None, attention_bias=False,
+                       eos_token_ids=(), dtype=dtype)
+
+
+def random_model(config, seed: int):
+    """Seeded random params generated on the default device (no host copy, no checkpoint): kernels
+    N(0, 1/fan_in), embeddings N(0, 1), norms 1 — logits stay O(1) at any width."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jdisagg.models.llama import Llama
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+    flat = nnx.to_flat_state(state)
+    values = []
+    for i, (path, var) in enumerate(flat):
+        leaf, shape, dtype = str(path[-1]), var.shape, var.dtype
+        if leaf == "scale":
+            values.append(jnp.ones(shape, dtype))
+            continue
+        std = 1.0 if leaf == "embedding" else shape[0] ** -0.5
+        make = jax.jit(lambda key, std=std, shape=shape, dtype=dtype: (
+            std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+        values.append(make(jax.random.key(seed * 1000 + i)))
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat, values,
+                                                                                            strict=True)]))
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer for random-weight models: token i is the word ``t{i}`` (the engine only detokenizes)."""
+    import tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from jdisagg.tokenizer import HFTokenizer
+
+    tok = tokenizers.Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return HFTokenizer(tok)
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(1, vocab, (batch, length)).tolist()
+
+
+def run_engine(module, tokenizer, batch_prompts, args, *, colocate: bool, label: str) -> Result:
+    from jdisagg import Engine, SamplingParams
+
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature,
+                            top_p=args.top_p, seed=0 if args.temperature else None)
+    context = -(-(args.prompt_len + args.output_len + 1) // 16) * 16
+    with Engine(module, tokenizer=tokenizer, prefill_mesh="1x1", decode_mesh="1x1", colocate=colocate,
+                max_batch=len(batch_prompts), max_context=context, progress=False) as engine:
+        engine.generate(batch_prompts[:1], dataclasses.replace(params, max_tokens=2))  # warm the path
+        start = time.perf_counter()
+        outputs = engine.generate(batch_prompts, params)
+        wall = time.perf_counter() - start
+    ttfts = [o.metrics.ttft for o in outputs]
+    tpots = [o.metrics.tpot for o in outputs if o.metrics.tpot is not None]
+    return Result(label, len(batch_prompts), len(batch_prompts) * args.output_len / wall,
+                  1e3 * statistics.mean(ttfts), 1e3 * max(ttfts), 1e3 * statistics.mean(tpots),
+                  [o.token_ids for o in outputs])
+
+
+def run_plain_loop(module, batch_prompts, args) -> Result:
+    """Dense-cache decode with the same model code: one jitted prefill over the batch, one jitted step per
+    token whose output feeds the next step on device; the host reads the tokens once at the end."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jdisagg.sampling import sample_tokens
+
+    graphdef, state = nnx.split(module)
+    batch, length, steps = len(batch_prompts), args.prompt_len, args.output_len
+    total = length + steps
+    sampling = (jnp.full(batch, args.temperature, jnp.float32), jnp.zeros(batch, jnp.int32),
+                jnp.full(batch, args.top_p, jnp.float32), jnp.zeros(batch, jnp.uint32))
+    no_force, no_top = jnp.full(batch, -1, jnp.int32), jnp.zeros(batch, jnp.int32)
+
+    @jax.jit
+    def prefill(state, tokens):
+        model = nnx.merge(graphdef, state)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+        hidden, kvs = model.prefill(tokens, positions)
+        logits = model.logits(hidden[:, -1])
+        pad = ((0, 0), (0, steps), (0, 0), (0, 0))
+        caches = [(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kvs]
+        first = sample_tokens(logits, *sampling, jnp.full(batch, length, jnp.int32), no_force, no_top).tokens
+        return first, caches
+
+    @jax.jit
+    def step(state, caches, tokens, position):
+        model = nnx.merge(graphdef, state)
+        rows, positions = jnp.arange(batch), jnp.full(batch, position, jnp.int32)
+
+        def attend(q, k, v, cache, window=None):
+            kc, vc = cache
+            kc, vc = kc.at[rows, positions].set(k), vc.at[rows, positions].set(v)
+            groups = q.shape[1] // kc.shape[2]
+            grouped = q.reshape(batch, kc.shape[2], groups, q.shape[-1])
+            scores = jnp.einsum("bkgd,bskd->bkgs", grouped, kc, preferred_element_type=jnp.float32)
+            visible = jnp.arange(total) <= position
+            scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf)
+            out = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(scores, -1).astype(vc.dtype), vc)
+            return out.reshape(q.shape), (kc, vc)
+
+        logits, caches = model.decode(tokens, positions, caches, attend)
+        nxt = sample_tokens(logits, *sampling, positions + 1, no_force, no_top).tokens
+        return nxt, caches
+
+    tokens = jnp.asarray(batch_prompts, jnp.int32)
+    first, caches = prefill(state, tokens)
+    step(state, caches, first, jnp.int32(length)).__getitem__(0).block_until_ready()  # compile
+    start = time.perf_counter()
+    first, caches = prefill(state, tokens)
+    first.block_until_ready()
+    ttft = time.perf_counter() - start
+    out = [first]
+    for i in range(steps - 1):
+        nxt, caches = step(state, caches, out[-1], jnp.int32(length + i))
+        out.append(nxt)
+    generated = np.asarray(jnp.stack(out, axis=1))
+    wall = time.perf_counter() - start
+    return Result("plain JAX loop", batch, batch * steps / wall, 1e3 * ttft, 1e3 * ttft,
+                  1e3 * (wall - ttft) / max(steps - 1, 1), generated.tolist())
+
+
+def run_hf(directory: str, batch_prompts, args) -> Result:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor(batch_prompts)
+    sample = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) if \
+        args.temperature else dict(do_sample=False)
+
+    def generate(n: int):
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, pad_token_id=0, eos_token_id=None, **sample)
+
+    generate(2)  # warm-up
+    start = time.perf_counter()
+    generate(1)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    out = generate(args.output_len)
+    wall = time.perf_counter() - start
+    return Result("HF transformers", len(batch_prompts), len(batch_prompts) * args.output_len / wall,
+                  1e3 * ttft, 1e3 * ttft, 1e3 * (wall - ttft) / max(args.output_len - 1, 1),
+                  out[:, ids.shape[1]:].tolist())
+
+
+def peers(args) -> list[dict]:
+    import jax
+
+    config = model_config(args.config, args.dtype)
+    module = random_model(config, seed=0)
+    tokenizer = word_tokenizer(config.vocab_size)
+    hf_dir = None
+    if not args.no_hf:
+        from jdisagg.models import save_hf_safetensors
+
+        hf_dir = tempfile.mkdtemp(prefix="bench-hf-")
+        save_hf_safetensors(module, hf_dir)
+    rows = []
+    for batch in args.batch:
+        batch_prompts = prompts(batch, args.prompt_len, config.vocab_size)
+        results = []
+        if hf_dir:
+            results.append(run_hf(hf_dir, batch_prompts, args))
+        results.append(run_plain_loop(module, batch_prompts, args))
+        results.append(run_engine(module, tokenizer, batch_prompts, args, colocate=True,
+                                  label="jdisagg colocated"))
+        if jax.device_count() >= 2:
+            results.append(run_engine(module, tokenizer, batch_prompts, args, colocate=False,
+                                      label="jdisagg disaggregated"))
+        rows += report(results, greedy=not args.temperature)
+    return rows
+
+
+def report(results: list[Result], *, greedy: bool) -> list[dict]:
+    by_name = {r.system: r for r in results}
+    hf, floor = by_name.get("HF transformers"), by_name["plain JAX loop"]
+    print(f"\nbatch {results[0].batch}: {'greedy' if greedy else 'sampled'}")
+    print(f"{'system':24} {'out tok/s':>10} {'TTFT ms':>9} {'prefill ms':>10} {'TPOT ms':>9} {'vs HF':>7} "
+          f"{'vs loop':>8} {'prefill vs HF':>13}")
+    rows = []
+    for r in results:
+        vs_hf = r.output_tok_s / hf.output_tok_s if hf else None
+        prefill_vs_hf = hf.prefill_ms / r.prefill_ms if hf else None
+        vs_loop = r.output_tok_s / floor.output_tok_s
+        print(f"{r.system:24} {r.output_tok_s:10.1f} {r.ttft_ms:9.1f} {r.prefill_ms:10.1f} {r.tpot_ms:9.2f} "
+              f"{'' if vs_hf is None else f'{vs_hf:6.2f}x':>7} {vs_loop:7.2f}x "
+              f"{'' if prefill_vs_hf is None else f'{prefill_vs_hf:12.2f}x':>13}")
+        rows.append({**{k: v for k, v in dataclasses.asdict(r).items() if k != "tokens"},
+                     "vs_hf": vs_hf, "vs_loop": vs_loop, "prefill_vs_hf": prefill_vs_hf})
+    if greedy:
+        same = all(r.tokens == results[0].tokens for r in results)
+        print(f"greedy tokens identical across systems: {same}")
+        for row in rows:
+            row["greedy_identical"] = same
+    return rows
+
+
+def sampling_share(args) -> list[dict]:
+    """Time the sample program alone against one decode forward of the same batch (dense cache at the
+    workload's context), each compiled on its own and timed as the median of repeated calls."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jdisagg.sampling import sample_tokens
+
+    config = dataclasses.replace(model_config(args.config, args.dtype), vocab_size=args.vocab)
+    graphdef, state = nnx.split(random_model(config, seed=0))
+    batch, context = args.batch, args.context
+    kv = (batch, context, config.num_kv_heads, config.head_dim)
+    caches = [(jnp.zeros(kv, config.dtype), jnp.zeros(kv, config.dtype)) for _ in range(config.num_layers)]
+    rows = jnp.arange(batch)
+
+    @jax.jit
+    def forward(state, caches, tokens, positions):
+        def attend(q, k, v, cache, window=None):
+            kc, vc = cache[0].at[rows, positions].set(k), cache[1].at[rows, positions].set(v)
+            grouped = q.reshape(batch, kc.shape[2], -1, q.shape[-1])
+            scores = jnp.einsum("bkgd,bskd->bkgs", grouped, kc, preferred_element_type=jnp.float32)
+            scores = jnp.where(jnp.arange(context) <= positions[:, None, None, None], scores, -jnp.inf)
+            out = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(scores, -1).astype(vc.dtype), vc)
+            return out.reshape(q.shape), (kc, vc)
+
+        return nnx.merge(graphdef, state).decode(tokens, positions, caches, attend)[0]
+
+    def timed(fn, *fn_args) -> float:
+        jax.block_until_ready(fn(*fn_args))
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*fn_args))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    tokens = jnp.ones(batch, jnp.int32)
+    positions = jnp.full(batch, context - 1, jnp.int32)
+    logits = forward(state, caches, tokens, positions)
+    step_s = timed(forward, state, caches, tokens, positions)
+    sample = jax.jit(sample_tokens)
+    modes = {"greedy": (0.0, 0, 1.0), "temperature 0.8": (0.8, 0, 1.0), "top-p 0.9": (0.8, 0, 0.9),
+             "top-k 50": (0.8, 50, 1.0)}
+    print(f"decode forward, batch {batch}, vocab {args.vocab}, context {context}: {1e3 * step_s:.2f} ms")
+    out = []
+    for name, (temperature, top_k, top_p) in modes.items():
+        sampled_s = timed(sample, logits, jnp.full(batch, temperature), jnp.full(batch, top_k, jnp.int32),
+                          jnp.full(batch, top_p), jnp.arange(batch, dtype=jnp.uint32), positions + 1,
+                          jnp.full(batch, -1, jnp.int32), jnp.zeros(batch, jnp.int32))
+        share = sampled_s / (step_s + sampled_s)
+        print(f"  sample {name:16} {1e3 * sampled_s:8.2f} ms = {100 * share:5.1f}% of the step")
+        out.append({"mode": name, "sample_ms": 1e3 * sampled_s, "forward_ms": 1e3 * step_s, "share": share})
+    return out
+
+
+def context_sweep(args) -> list[dict]:
+    from jdisagg import Engine, SamplingParams
+    from jdisagg.compile_counter import compile_count
+
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    work = prompts(args.requests, args.prompt_len, 256)
+    rows, reference = [], None
+    print(f"{'max_context':>11} {'start-up s':>10} {'programs':>9} {'out tok/s':>10} {'TPOT ms':>8} "
+          f"{'vs first':>9}")
+    for context in args.contexts:
+        before = compile_count()
+        start = time.perf_counter()
+        with Engine(prefill_mesh="1x1", decode_mesh="1x1", max_batch=args.requests, max_context=context,
+                    progress=False) as engine:
+            startup = time.perf_counter() - start
+            compiled = compile_count() - before
+            engine.generate(work[:1], dataclasses.replace(params, max_tokens=2))
+            start = time.perf_counter()
+            outputs = engine.generate(work, params)
+            wall = time.perf_counter() - start
+        tokens = [o.token_ids for o in outputs]
+        reference = reference or tokens
+        throughput = args.requests * args.output_len / wall
+        first = rows[0]["output_tok_s"] if rows else throughput
+        tpot = 1e3 * statistics.mean(o.metrics.tpot for o in outputs)
+        print(f"{context:11d} {startup:10.1f} {compiled:9d} {throughput:10.1f} {tpot:8.1f} "
+              f"{throughput / first:8.2f}x   tokens equal: {tokens == reference}")
+        rows.append({"max_context": context, "startup_s": startup, "xla_compilations": compiled,
+                     "output_tok_s": throughput, "tpot_ms": tpot, "vs_first": throughput / first,
+                     "tokens_equal_first": tokens == reference})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    p = sub.add_parser("peers", help="HF vs jdisagg vs a plain jitted JAX loop, same weights, same run")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="llama-124m")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batch", type=ints, default=[1, 16], help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers (e.g. on a GPU without torch)")
+    c = sub.add_parser("context", help="decode throughput against max_context, same workload")
+    c.add_argument("--contexts", type=ints, default=[256, 1024, 4096, 16384])
+    c.add_argument("--requests", type=int, default=64)
+    c.add_argument("--prompt-len", type=int, default=32)
+    c.add_argument("--output-len", type=int, default=128)
+    m = sub.add_parser("sampling", help="the sampler's share of a decode step")
+    m.add_argument("--config", choices=sorted(CONFIGS), default="llama-124m")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    m.add_argument("--vocab", type=int, default=128256, help="vocabulary size (Llama 3: 128,256)")
+    m.add_argument("--batch", type=int, default=16)
+    m.add_argument("--context", type=int, default=192)
+    m.add_argument("--repeats", type=int, default=10)
+    for sp in (p, c, m):
+        sp.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    import jax
+
+    rows = {"peers": peers, "context": context_sweep, "sampling": sampling_share}[args.command](args)
+    meta = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+            "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])])}
+    print(f"\n{meta['date']}  {meta['machine']}  jax {jax.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**meta, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
