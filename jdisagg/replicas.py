@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg.kv_cache import SCRATCH_PAGE, PageAllocator, init_page_pools, kv_sharding
 from jdisagg.meshes import PHASE_RULES, TP_AXIS, ShardRule, param_spec, stored_kv_heads
+from jdisagg.models.naming import keypath_param_path
 from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill, compile_sample
 from jdisagg.sampling import Sampled
 from jdisagg.sizes import ServingSizes
@@ -54,24 +55,13 @@ class ModelShape:
     vocab_size: int
 
 
-def param_path(keypath: tuple[Any, ...]) -> str:
-    """``layers/0/self_attn/q_proj/kernel`` from an nnx.State key path."""
-    parts = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-    return "/".join(parts)
-
-
 def place_params(state: Any, mesh: Mesh, rules: tuple[ShardRule, ...], shape: ModelShape) -> Any:
     """Copy params onto one replica's mesh with the phase's sharding rules."""
     tp = mesh.shape[TP_AXIS]
     heads = {"num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads}
 
     def place(keypath, x):
-        spec = param_spec(param_path(keypath), tuple(x.shape), tp, rules, heads)
+        spec = param_spec(keypath_param_path(keypath), tuple(x.shape), tp, rules, heads)
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(place, state)

@@ -6,7 +6,8 @@ it: the floor of our own stack). Prints output tok/s, TTFT and TPOT per system, 
 and to the plain loop; greedy runs also check that every system produced the same tokens.
 
 ``context``: decode cost against ``max_context`` for one fixed workload (the demo model, 64 requests of 32
-prompt + 128 output tokens at once): throughput should follow the live context, not the configured one.
+prompt + 128 output tokens at once, its position limit raised to the largest context): throughput should
+follow the live context, not the configured one.
 
     python tools/bench_engine.py peers --config llama-124m --batch 1,16            # CPU, all four systems
     python tools/bench_engine.py peers --config llama-124m --batch 16 --temperature 0.8 --top-p 0.9
@@ -328,17 +329,23 @@ def sampling_share(args) -> list[dict]:
 def context_sweep(args) -> list[dict]:
     from jdisagg import Engine, SamplingParams
     from jdisagg.compile_counter import compile_count
+    from jdisagg.models.demo import load_demo_model
+    from jdisagg.tokenizer import ByteTokenizer
 
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     work = prompts(args.requests, args.prompt_len, 256)
+    # The demo model with its position limit raised to the largest context (rope has no limit of its own):
+    # the workload itself stays within the positions the model was trained on.
+    module = load_demo_model()
+    module.config = dataclasses.replace(module.config, max_position_embeddings=max(args.contexts))
     rows, reference = [], None
     print(f"{'max_context':>11} {'start-up s':>10} {'programs':>9} {'out tok/s':>10} {'TPOT ms':>8} "
           f"{'vs first':>9}")
     for context in args.contexts:
         before = compile_count()
         start = time.perf_counter()
-        with Engine(prefill_mesh="1x1", decode_mesh="1x1", max_batch=args.requests, max_context=context,
-                    progress=False) as engine:
+        with Engine(module, tokenizer=ByteTokenizer(), prefill_mesh="1x1", decode_mesh="1x1",
+                    max_batch=args.requests, max_context=context, progress=False) as engine:
             startup = time.perf_counter() - start
             compiled = compile_count() - before
             engine.generate(work[:1], dataclasses.replace(params, max_tokens=2))

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from jdisagg.models.config import ModelConfig
 from jdisagg.models.llama import Llama
-from jdisagg.models.naming import IGNORED_SUFFIXES, HFTensor, hf_tensor, param_path
+from jdisagg.models.naming import IGNORED_SUFFIXES, HFTensor, hf_tensor, keypath_param_path, param_path
 from jdisagg.models.safetensors_reader import INDEX_FILE, SINGLE_FILE, SafetensorsReader
 
 if TYPE_CHECKING:
@@ -135,22 +135,11 @@ def _module_source(module: nnx.Module, dtype: str) -> ModelSource:
             return module
 
         def place(keypath: tuple[Any, ...], x: jax.Array) -> jax.Array:
-            return jax.device_put(x, shardings(_keypath_name(keypath), tuple(x.shape)))
+            return jax.device_put(x, shardings(keypath_param_path(keypath), tuple(x.shape)))
 
         return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
 
     return ModelSource(module.config, type(module).__name__, load)
-
-
-def _keypath_name(keypath: tuple[Any, ...]) -> str:
-    """``layers/0/self_attn/q_proj/kernel`` from a pytree key path of an nnx.State."""
-    parts = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-    return "/".join(parts)
 
 
 def load_hf_model(

@@ -6,7 +6,9 @@ are ``[out, in]``; ours are ``[in, out]``, hence the transpose flag.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import jax
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -22,6 +24,17 @@ class HFTensor(NamedTuple):
 def param_path(path: tuple[str | int, ...]) -> str:
     """An nnx state path as the ``/``-joined string the sharding rules match."""
     return "/".join(str(part) for part in path)
+
+
+def keypath_param_path(keypath: tuple[Any, ...]) -> str:
+    """The same string from a pytree key path of an nnx.State (``jax.tree_util.tree_map_with_path``)."""
+    parts: list[str | int] = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(key.key)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(key.idx)
+    return param_path(tuple(parts))
 
 
 def hf_tensor(path: str) -> HFTensor:
