@@ -70,7 +70,7 @@ def test_engine_greedy_matches_transformers_past_the_window(hf_checkpoints, name
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (5, 24)]
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
-    with Engine(directory, tokenizer=ByteTokenizer(), prefill_mesh="2x1", decode_mesh="1x2", max_context=64,
+    with Engine(directory, tokenizer=ByteTokenizer(), prefill_mesh="2x1", decode_mesh="2x1", max_context=64,
                 page_size=8, max_batch=2, progress=False) as engine:
         assert engine.config.sliding_window == WINDOW
         outputs = engine.generate(prompts, params)
