@@ -14,6 +14,7 @@ follow the live context, not the configured one.
     python tools/bench_engine.py peers --config llama3-8b --dtype bfloat16 --batch 1,16 --no-hf   # one GPU
     python tools/bench_engine.py context --contexts 256,1024,4096,16384
     python tools/bench_engine.py sampling --vocab 128256 --batch 16      # the sampler's share of a step
+    python tools/bench_engine.py overhead --batch 8                      # engine TPOT vs the device step
 
 ``--random-weights`` (the default for ``peers``) builds the model straight onto the device with no
 checkpoint on disk; HF then gets the same weights through a temporary safetensors directory (CPU sizes only).
@@ -326,6 +327,60 @@ def sampling_share(args) -> list[dict]:
     return out
 
 
+def host_overhead(args) -> list[dict]:
+    """Engine TPOT against the device's own step time on the demo model.
+
+    The device step time is measured on a decode replica built the engine's way, with the steps chained on
+    device (each step's sampled tokens feed the next, nothing read until the end), so it holds no host
+    work at all. The engine's TPOT is the mean over ``--batch`` requests of ``--output-len`` tokens sent at
+    once. Their ratio is what the host (scheduling, streaming, stop checks, page tables) adds per token.
+    """
+    import jax
+    from flax import nnx
+
+    from jdisagg import Engine, SamplingParams
+    from jdisagg.meshes import build_layout
+    from jdisagg.models.demo import load_demo_model
+    from jdisagg.replicas import SamplingRow, build_decode_replica
+    from jdisagg.sizes import plan_sizes
+
+    module = load_demo_model()
+    sizes = plan_sizes(module.config, page_size=16, max_batch=args.batch, max_context=args.context,
+                       num_pages=None)
+    mesh = build_layout("1x1", "1x1").decode.replicas[0]
+    graphdef, state = nnx.split(module)
+    replica = build_decode_replica(0, mesh, graphdef, state, sizes, None)
+    for _, compile_program in replica.compile_tasks():
+        compile_program()
+    start_at = args.prompt_len
+    pages = [replica.allocator.allocate(sizes.max_pages) for _ in range(args.batch)]
+    rows = [SamplingRow(0.0, 0, 1.0, 0)] * args.batch
+    forced = [-1] * args.batch
+
+    def chain(steps: int) -> float:
+        begin = time.perf_counter()
+        step = replica.dispatch([1] * args.batch, [start_at] * args.batch, pages, rows, forced)
+        for i in range(1, steps):
+            step = replica.dispatch(step, [start_at + i] * args.batch, pages, rows, forced)
+        replica.collect(step)
+        return (time.perf_counter() - begin) / steps
+
+    chain(4)  # warm-up
+    device_step = statistics.median(chain(args.output_len) for _ in range(3))
+
+    prompt_ids = prompts(args.batch, args.prompt_len, 256)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    with Engine(prefill_mesh="1x1", decode_mesh="1x1", max_batch=args.batch, max_context=args.context,
+                progress=False) as engine:
+        engine.generate(prompt_ids[:1], dataclasses.replace(params, max_tokens=2))
+        outputs = engine.generate(prompt_ids, params)
+    tpot = statistics.mean(o.metrics.tpot for o in outputs)
+    print(f"batch {args.batch}: device step {1e3 * device_step:.2f} ms, engine TPOT {1e3 * tpot:.2f} ms "
+          f"({tpot / device_step:.3f}x the device step) on {jax.devices()[0].device_kind}")
+    return [{"batch": args.batch, "device_step_ms": 1e3 * device_step, "engine_tpot_ms": 1e3 * tpot,
+             "ratio": tpot / device_step}]
+
+
 def context_sweep(args) -> list[dict]:
     from jdisagg import Engine, SamplingParams
     from jdisagg.compile_counter import compile_count
@@ -392,14 +447,21 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--batch", type=int, default=16)
     m.add_argument("--context", type=int, default=192)
     m.add_argument("--repeats", type=int, default=10)
-    for sp in (p, c, m):
+    h = sub.add_parser("overhead", help="engine TPOT against the device step time (demo model)")
+    h.add_argument("--batch", type=int, default=8)
+    h.add_argument("--prompt-len", type=int, default=32)
+    h.add_argument("--output-len", type=int, default=128)
+    h.add_argument("--context", type=int, default=256)
+    for sp in (p, c, m, h):
         sp.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     import jax
 
-    rows = {"peers": peers, "context": context_sweep, "sampling": sampling_share}[args.command](args)
+    commands = {"peers": peers, "context": context_sweep, "sampling": sampling_share,
+                "overhead": host_overhead}
+    rows = commands[args.command](args)
     meta = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
             "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])])}
