@@ -29,7 +29,8 @@ Rules, so that sections added later are covered the same way:
 
 Cost: dominated by the compiles of one default ``jdisagg launch``, one ``--processes`` launch (both use the
 persistent compile cache) and the README's Python example (which does not). On the shared 2-core machine
-under heavy load from other work: 8m50s wall, 3.5 CPU-minutes, with a warm cache; 18 min with a cold one.
+under heavy load from other work (load average 15-20): 8m50s wall and 3.5 CPU-minutes with a warm cache,
+16m20s and 6.8 CPU-minutes with a cold one (the default launch 465 s, the ``--processes`` launch 346 s).
 """
 
 from __future__ import annotations
