@@ -77,9 +77,6 @@ def launch(opts: LaunchOptions) -> int:
             if opts.colocate:
                 raise ValueError("--processes runs prefill and decode in separate workers: drop --colocate")
             _check_process_options(opts)
-            if opts.tokenizer:
-                raise ValueError("--tokenizer is not passed on to --processes workers yet: put the "
-                                 "tokenizer.json into the model directory instead")
         else:
             build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
         enable_compile_cache(opts.compile_cache)
@@ -177,7 +174,8 @@ def _start_processes(opts: LaunchOptions, meshes) -> tuple[Engine, Callable[[flo
                        max_context=opts.max_context, num_pages=opts.num_pages)
     front = Front(opts.model, parse_mesh_spec(meshes.prefill), parse_mesh_spec(meshes.decode), sizes,
                   host=opts.host, port=opts.control_port, attention_backend=opts.attention_backend,
-                  max_queue=opts.max_queue)
+                  max_queue=opts.max_queue, tokenizer_path=opts.tokenizer,
+                  served_model_name=opts.served_model_name)
     print(f"jdisagg: workers join at {front.address}", flush=True)
     cpus = {"prefill": opts.prefill_cpus, "decode": opts.decode_cpus}
     children = spawn_workers(front, devices_per_worker=opts.worker_devices, cpus=cpus, progress=opts.progress)

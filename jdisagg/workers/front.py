@@ -115,11 +115,19 @@ class Front:
         offer_timeout_s: float = 60.0,
         heartbeat_s: float = 1.0,
         evict_after_s: float = 10.0,
+        tokenizer_path: str | None = None,
+        served_model_name: str | None = None,
     ) -> None:
+        from jdisagg.metrics import model_name_of
         from jdisagg.serving.plan import model_config
-        from jdisagg.tokenizer import load_tokenizer
+        from jdisagg.tokenizer import HFTokenizer, load_tokenizer
 
         self.model = str(Path(model).resolve()) if model else None
+        # Spawned workers get the same --tokenizer (they load the checkpoint the same way).
+        self.tokenizer_path = str(Path(tokenizer_path).resolve()) if tokenizer_path else None
+        tokenizer = (
+            HFTokenizer.from_file(self.tokenizer_path) if self.tokenizer_path else load_tokenizer(self.model)
+        )
         self.config = model_config(self.model)
         for spec, phase in ((prefill, "prefill"), (decode, "decode")):
             check_fits(spec, num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
@@ -141,8 +149,8 @@ class Front:
         self.address = f"{host}:{bound}"
         self._server.start()
         self.engine = Engine.from_replicas(
-            self.config, load_tokenizer(self.model), self.prefill, self.decode, sizes=sizes,
-            max_queue=max_queue, progress=False,
+            self.config, tokenizer, self.prefill, self.decode, sizes=sizes, max_queue=max_queue,
+            progress=False, served_model_name=served_model_name or model_name_of(self.model),
         )
         self._stop = threading.Event()
         for slot in self.slots:  # one prober per slot: a stalled worker must not delay the others' probes
@@ -219,6 +227,8 @@ def spawn_workers(
             command.append("--no-progress")
         if cpus and cpus.get(slot.role):
             command += ["--cpus", cpus[slot.role]]
+        if front.tokenizer_path:
+            command += ["--tokenizer", front.tokenizer_path]
         out = None
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
