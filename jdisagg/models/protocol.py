@@ -42,8 +42,9 @@ class ServingModel(Protocol):
     ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """Causal forward: int32 ``[B, T]`` -> hidden ``[B, T, D]``, per layer (k, v) ``[B, T, KVH, hd]``.
 
-        Token i attends to tokens j <= i of its row (rows are padded at the end). k is after rope: the
-        engine stores these in the cache and ``decode`` attends to them unchanged.
+        Token i attends to tokens j <= i of its row (rows are padded at the end; a sliding-window layer only
+        to the last ``window`` of them). k is after rope: the engine stores these in the cache and ``decode``
+        attends to them unchanged.
         """
         ...
 
@@ -54,8 +55,10 @@ class ServingModel(Protocol):
         """One token per sequence: int32 ``[B]`` at ``[B]`` -> float32 logits ``[B, V]`` and new caches.
 
         For layer i the model calls ``out, caches[i] = attend(q [B, H, hd], k [B, KVH, hd], v [B, KVH, hd],
-        caches[i])`` (q, k after rope); the engine's ``attend`` stores k/v and returns ``out [B, H, hd]``,
-        attention over positions ``0..positions`` with scale ``head_dim ** -0.5``.
+        caches[i], window=w)`` (q, k after rope; ``window`` may be left out, meaning None); the engine's
+        ``attend`` stores k/v and returns ``out [B, H, hd]``, attention over positions ``0..positions`` (only
+        the last ``w`` of them when ``w`` is not None, for sliding-window layers) with scale
+        ``head_dim ** -0.5``.
         """
         ...
 
