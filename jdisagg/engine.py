@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from jdisagg.compile_counter import compile_count
 from jdisagg.errors import EngineClosedError, QueueFullError, WorkerUnavailableError
+from jdisagg.executors import Sampled, SamplingRow
 from jdisagg.kv_cache import OutOfPages, pages_needed
 from jdisagg.memory import KVShape, decode_workspace, plan_kv_pages, resolve_kv_cache_dtype
 from jdisagg.meshes import PHASE_RULES, Layout, build_layout, check_fits, param_sharding_fn
@@ -47,12 +48,10 @@ from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
 from jdisagg.replicas import (
     DecodeReplica,
     PrefillReplica,
-    SamplingRow,
     build_decode_replica,
     build_prefill_replica,
 )
 from jdisagg.requests import Request, RequestStream
-from jdisagg.sampling import Sampled
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.serving.devices import devices_needed, provide_cpu_devices
 from jdisagg.sizes import ServingSizes, plan_sizes

@@ -17,25 +17,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
 from jdisagg.kv_cache import SCRATCH_PAGE, PageAllocator, init_page_pools, kv_sharding
 from jdisagg.meshes import PHASE_RULES, TP_AXIS, ShardRule, param_spec, stored_kv_heads
 from jdisagg.models.naming import keypath_param_path
 from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill, compile_sample
-from jdisagg.sampling import Sampled
 from jdisagg.sizes import ServingSizes
-
-CompileTask = tuple[str, Callable[[], None]]
-
-
-@dataclass(frozen=True)
-class SamplingRow:
-    """The device-side sampling inputs of one sequence."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    num_top: int = 0  # most likely alternatives to return per token (0: none)
 
 
 @dataclass(frozen=True)
@@ -175,6 +162,10 @@ class PrefillReplica:
             self._state, _put(self.mesh, tokens), _put(self.mesh, np.int32(len(token_ids)))
         )
         return self._sample(logits, [sampling], [len(token_ids)], [forced]), (k, v)
+
+    def run_batch(self, prompts: Sequence[PromptInput]) -> list[tuple[Sampled, tuple[jax.Array, jax.Array]]]:
+        """``run`` for each prompt (each dispatched asynchronously)."""
+        return [self.run(p.token_ids, p.sampling, p.forced) for p in prompts]
 
 
 class DecodeReplica:

@@ -7,8 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from jdisagg.executors import SamplingRow
 from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk, TopLogprobs
-from jdisagg.replicas import SamplingRow
 from jdisagg.sampling_params import SamplingParams
 
 

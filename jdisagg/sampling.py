@@ -20,25 +20,15 @@ Tokens tied at the threshold are all kept (the sort-based definition would keep 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
+from jdisagg.executors import Sampled
 from jdisagg.sampling_params import TOP_LOGPROBS
 
 CANDIDATES = 64  # top-k / top-p candidates taken with lax.top_k before the exact fallback
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows the logits)
 _BLOCK = 256  # inverse-CDF block length
-
-
-class Sampled(NamedTuple):
-    """What sampling returns per row: the token, its logprob, and the most likely alternatives."""
-
-    tokens: jax.Array  # [B] int32
-    logprobs: jax.Array  # [B] float32, of the unscaled model distribution
-    top_ids: jax.Array  # [B, TOP_LOGPROBS] int32, most likely first (zeros when no row asked)
-    top_logprobs: jax.Array  # [B, TOP_LOGPROBS] float32
 
 
 def sample_tokens(

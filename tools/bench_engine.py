@@ -339,9 +339,10 @@ def host_overhead(args) -> list[dict]:
     from flax import nnx
 
     from jdisagg import Engine, SamplingParams
+    from jdisagg.executors import SamplingRow
     from jdisagg.meshes import build_layout
     from jdisagg.models.demo import load_demo_model
-    from jdisagg.replicas import SamplingRow, build_decode_replica
+    from jdisagg.replicas import build_decode_replica
     from jdisagg.sizes import plan_sizes
 
     module = load_demo_model()

@@ -28,9 +28,8 @@ import grpc
 import numpy as np
 
 from jdisagg.errors import WorkerUnavailableError
+from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
 from jdisagg.kv_cache import PageAllocator
-from jdisagg.replicas import CompileTask, SamplingRow
-from jdisagg.sampling import Sampled
 from jdisagg.sampling_params import TOP_LOGPROBS
 from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
@@ -164,6 +163,10 @@ class RemotePrefillReplica(RemoteReplica):
             "Prefill", wpb.PrefillRequest(token_ids=list(token_ids), sampling=_row(sampling), forced=forced)
         )
         return _sampled([reply.token], [reply.logprob], reply), reply.offer
+
+    def run_batch(self, prompts: Sequence[PromptInput]) -> list[tuple[Sampled, wpb.KVOffer]]:
+        """One ``Prefill`` RPC per prompt."""
+        return [self.run(p.token_ids, p.sampling, p.forced) for p in prompts]
 
 
 class RemoteDecodeReplica(RemoteReplica):

@@ -129,7 +129,7 @@ class WorkerService(wpb_grpc.WorkerServicer):
         return wpb.Empty()
 
     def Prefill(self, request: wpb.PrefillRequest, context: grpc.ServicerContext) -> wpb.PrefillReply:
-        from jdisagg.replicas import SamplingRow
+        from jdisagg.executors import SamplingRow
 
         self._require("prefill", context)
         s = request.sampling
@@ -177,7 +177,7 @@ class WorkerService(wpb_grpc.WorkerServicer):
         return wpb.Empty()
 
     def Step(self, request: wpb.StepRequest, context: grpc.ServicerContext) -> wpb.StepReply:
-        from jdisagg.replicas import SamplingRow
+        from jdisagg.executors import SamplingRow
 
         self._require("decode", context)
         pages, offset = [], 0
