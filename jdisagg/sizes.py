@@ -14,6 +14,8 @@ class ServingSizes:
     max_batch: int  # sequences per decode replica and step
     max_context: int  # longest sequence (prompt + output)
     num_pages: int  # pages per decode replica, page 0 (scratch) included
+    max_prefill_batch: int = 8  # prompts per prefill call (``PrefillExecutor.run_batch``)
+    prefill_token_budget: int = 2048  # prompt tokens per prefill call; a longer prompt runs alone
 
     @property
     def max_pages(self) -> int:
