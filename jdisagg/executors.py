@@ -73,6 +73,7 @@ class PrefillExecutor(Executor, Protocol):
 
 class DecodeExecutor(Executor, Protocol):
     overlaps: bool  # True: ``dispatch`` returns before the step has run, so a next step may queue behind it
+    num_pages: int  # KV pages in its pools, the scratch page included
 
     def receive(self, offer: Any) -> tuple[Any, int]:
         """Move an offered KV onto this replica; the staged KV and the bytes moved."""

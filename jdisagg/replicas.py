@@ -1,8 +1,8 @@
 """Device-side state of one replica: its params, page pools and compiled programs.
 
 A replica object is used by exactly one engine thread (prefill replicas by the prefill thread, a decode
-replica by its own decode thread), so nothing here locks except the page allocator, which prefill also
-touches to reserve pages for a prompt before its KV arrives.
+replica by its own decode thread, ``receive`` by the transfer thread), so nothing here locks. Which page
+holds what is the scheduler's business (``jdisagg.kv_manager``); a decode replica only has the pools.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
-from jdisagg.kv_cache import SCRATCH_PAGE, PageAllocator, init_page_pools, kv_sharding
+from jdisagg.kv_cache import init_page_pools, kv_sharding
+from jdisagg.kv_manager import SCRATCH_PAGE
 from jdisagg.meshes import PHASE_RULES, TP_AXIS, ShardRule, param_spec, stored_kv_heads
 from jdisagg.models.naming import keypath_param_path
 from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill, compile_sample
@@ -193,7 +194,7 @@ class DecodeReplica:
         self.page_size = page_size
         self.prefill_buckets, self.batch_buckets = prefill_buckets, batch_buckets
         self.page_buckets = page_buckets
-        self.allocator = PageAllocator(num_pages)
+        self.num_pages = num_pages
         self._graphdef, self._state, self._shape = graphdef, state, shape
         self._backend, self._kv_dtype = attention_backend, kv_dtype
         self.stored_heads = stored_kv_heads(shape.num_kv_heads, mesh.shape[TP_AXIS])
@@ -209,7 +210,7 @@ class DecodeReplica:
             self.mesh,
             num_layers=s.num_layers,
             stored_heads=self.stored_heads,
-            num_pages=self.allocator.num_pages,
+            num_pages=self.num_pages,
             page_size=self.page_size,
             head_dim=s.head_dim,
             dtype=self._kv_dtype,

@@ -6,10 +6,22 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from jdisagg.executors import SamplingRow
 from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk, TopLogprobs
 from jdisagg.sampling_params import SamplingParams
+
+
+class Stage(StrEnum):
+    """Where a request is (``jdisagg.scheduler`` moves it)."""
+
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    READY = "ready"  # KV inserted on its decode replica, waiting for a batch slot
+    RUNNING = "running"
+    DONE = "done"
 
 
 @dataclass(eq=False)
@@ -17,8 +29,8 @@ class Request:
     """One generation request as it moves through the stages.
 
     ``output_ids`` only grows; on preemption the request is prefilled again from ``all_ids`` and continues.
-    ``cancel`` is set from any thread (client abort, stop string found, shutdown); the stage that holds the
-    request's pages is the one that frees them and reports the finish.
+    ``cancel`` is set by the scheduler (client abort, stop string found, shutdown); the stage that next
+    touches the request ends it.
     """
 
     id: str
@@ -33,6 +45,8 @@ class Request:
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # only when ``params.logprobs > 0``
     cancel: FinishReason | None = None
     error_code: str = "INTERNAL"  # the gRPC status a failure maps to (UNAVAILABLE: a worker was lost)
+    stage: Stage = Stage.WAITING
+    replica: int | None = None  # the decode replica its KV goes to / lives on, from prefill to the end
 
     @property
     def all_ids(self) -> list[int]:
@@ -55,10 +69,12 @@ class RequestStream:
         self._done = threading.Event()
         self._output: Output | None = None
 
-    def _push(self, chunk: StreamChunk) -> None:
+    def deliver(self, chunk: StreamChunk) -> None:
+        """The engine's side: a new chunk for the client."""
         self._chunks.put(chunk)
 
-    def _finish(self, output: Output) -> None:
+    def complete(self, output: Output) -> None:
+        """The engine's side: the final output (delivered before the stream's last chunk)."""
         self._output = output
         self._done.set()
 

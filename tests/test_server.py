@@ -328,8 +328,8 @@ class _FailingEngine:
             raise EngineClosedError("engine is shutting down")
         stream = RequestStream("r", lambda _: False)
         output = Output("r", [1], [], "", FinishReason.ERROR, RequestMetrics(arrival=0.0), "XlaError: boom")
-        stream._finish(output)
-        stream._push(StreamChunk("r", [], "", FinishReason.ERROR, output.error))
+        stream.complete(output)
+        stream.deliver(StreamChunk("r", [], "", FinishReason.ERROR, output.error))
         return stream
 
 

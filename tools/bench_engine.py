@@ -354,7 +354,7 @@ def host_overhead(args) -> list[dict]:
     for _, compile_program in replica.compile_tasks():
         compile_program()
     start_at = args.prompt_len
-    pages = [replica.allocator.allocate(sizes.max_pages) for _ in range(args.batch)]
+    pages = [list(range(1 + r * sizes.max_pages, 1 + (r + 1) * sizes.max_pages)) for r in range(args.batch)]
     rows = [SamplingRow(0.0, 0, 1.0, 0)] * args.batch
     forced = [-1] * args.batch
 

@@ -1,8 +1,8 @@
 """Front-side proxies of worker processes, shaped like the in-process replicas the engine drives.
 
 The engine's stages call these exactly as they call ``PrefillReplica`` and ``DecodeReplica``; each call is
-one RPC. The page allocator of a decode replica stays here, in the front: page tables are host state of
-the one scheduler, so no page is ever accounted in two places and a lost worker cannot leak any.
+one RPC. Page accounting stays in the front's scheduler: page tables are host state of the one scheduler,
+so no page is ever accounted in two places and a lost worker cannot leak any.
 
 One error contract: every transport failure of a worker call ends the request with
 ``WorkerUnavailableError`` (gRPC UNAVAILABLE to the client) and a message naming the worker, so clients that
@@ -29,7 +29,6 @@ import numpy as np
 
 from jdisagg.errors import WorkerUnavailableError
 from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
-from jdisagg.kv_cache import PageAllocator
 from jdisagg.sampling_params import TOP_LOGPROBS
 from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
@@ -170,11 +169,11 @@ class RemotePrefillReplica(RemoteReplica):
 
 
 class RemoteDecodeReplica(RemoteReplica):
-    """A decode worker's slot; owns that worker's page allocator."""
+    """A decode worker's slot. Its pages are accounted in the front's scheduler, like every replica's."""
 
     def __init__(self, index: int, num_pages: int, rpc_timeout_s: float, pull_timeout_s: float) -> None:
         super().__init__("decode", index, rpc_timeout_s)
-        self.allocator = PageAllocator(num_pages)
+        self.num_pages = num_pages
         self._pull_timeout = pull_timeout_s
 
     def receive(self, offer: wpb.KVOffer) -> tuple[wpb.StagedKV, int]:

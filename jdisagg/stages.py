@@ -1,0 +1,322 @@
+"""The engine's threads: they run the executors and carry results between them and the scheduler.
+
+Data flows one way::
+
+    scheduler.waiting ─► prefill thread (per prefill replica) ─► transfer thread ─► decode thread (per decode
+    replica) ─► output thread ─► RequestStream
+
+- prefill: asks the scheduler for the next group of prompts (pages already reserved on their decode
+  replica) and dispatches them in one ``run_batch`` call; the next call can be dispatched while it runs.
+- transfer: reads each first token (TTFT does not wait for the KV hand-off), then moves the KV onto its
+  decode replica (``receive``) and passes it to that replica's thread.
+- decode: inserts arrived KV, asks the scheduler for the step's rows and runs them, one step ahead of the
+  host in the steady state.
+- output: text, stop strings and the final ``Output`` (``OutputProcessor``).
+
+Every decision is a ``Scheduler`` call under the one lock (``call``); the tokens and finishes it emits go
+to the output thread in the order they were decided. Device work runs outside the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from jdisagg.errors import WorkerUnavailableError
+from jdisagg.executors import DecodeExecutor, PrefillExecutor, PromptInput, Sampled
+from jdisagg.metrics import EngineMetrics
+from jdisagg.output_processor import OutputProcessor
+from jdisagg.outputs import FinishReason
+from jdisagg.requests import Request
+from jdisagg.scheduler import Emission, Scheduler, TokenSample
+
+log = logging.getLogger("jdisagg.engine")
+
+IDLE_POLL_S = 0.02
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Handoff:
+    request: Request
+    sampled: Sampled  # the first token: one row, still on device
+    offer: Any  # the prefill executor's KV offer
+
+
+@dataclass(frozen=True)
+class _Step:
+    handle: Any  # the decode executor's in-flight step
+    rows: list[Request]
+
+
+def token_samples(sampled: Sampled, rows: Sequence[Request]) -> list[TokenSample]:
+    """Host-side tokens of a collected step, one per row (alternatives only where a row asked)."""
+    tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
+    samples = []
+    for i, request in enumerate(rows[: len(tokens)]):
+        top = None
+        if k := request.params.logprobs:
+            top = list(
+                zip(sampled.top_ids[i][:k].tolist(), sampled.top_logprobs[i][:k].tolist(), strict=True)
+            )
+        samples.append(TokenSample(tokens[i], logprobs[i], top))
+    return samples
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """(message, gRPC code) a request fails with."""
+    if isinstance(exc, WorkerUnavailableError):
+        return str(exc), "UNAVAILABLE"
+    return f"{type(exc).__name__}: {exc}", "INTERNAL"
+
+
+class Stages:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        prefill: Sequence[PrefillExecutor],
+        decode: Sequence[DecodeExecutor],
+        processor: OutputProcessor,
+        metrics: EngineMetrics,
+    ) -> None:
+        self.scheduler, self.metrics, self._processor = scheduler, metrics, processor
+        self._prefill, self._decode = list(prefill), list(decode)
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.transfers: queue.Queue[_Handoff | None] = queue.Queue(maxsize=4)
+        self.inboxes: dict[int, queue.Queue[tuple[Request, Any] | None]] = {
+            d.index: queue.Queue() for d in decode
+        }
+        # Unbounded on purpose: emissions are queued under the lock, which a full queue would deadlock.
+        self.outputs: queue.Queue[Emission | None] = queue.Queue()
+        self._threads = (
+            [
+                threading.Thread(target=self._prefill_loop, args=(p,), name=f"prefill-{p.index}")
+                for p in prefill
+            ]
+            + [threading.Thread(target=self._transfer_loop, name="transfer")]
+            + [
+                threading.Thread(target=self._decode_loop, args=(d,), name=f"decode-{d.index}")
+                for d in decode
+            ]
+            + [threading.Thread(target=self._output_loop, name="output")]
+        )
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        self.transfers.put(None)
+        for inbox in self.inboxes.values():
+            inbox.put(None)
+        self.outputs.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10.0)
+
+    def call(self, decide: Callable[..., T], *args: Any) -> T:
+        """Run one scheduler decision under the lock; pass on what it emitted; wake waiting threads."""
+        with self.lock:
+            try:
+                return decide(*args)
+            finally:
+                for emission in self.scheduler.take_emissions():
+                    self.outputs.put(emission)
+                self.lock.notify_all()
+
+    def update_gauges(self) -> None:
+        s, m = self.scheduler, self.metrics
+        for index, used, total in zip(s.kv.pools, s.pages_used(), s.pages_total(), strict=True):
+            m.pages_used.labels(str(index)).set(used)
+            m.pages_total.labels(str(index)).set(total)
+        m.queue_depth.labels("waiting").set(len(s.waiting))
+        m.queue_depth.labels("transfer").set(self.transfers.qsize())
+        m.queue_depth.labels("decode_inbox").set(sum(q.qsize() for q in self.inboxes.values()))
+
+    # ------------------------------------------------------------------ prefill
+
+    def _next_prefill(self, prefill: PrefillExecutor) -> list[Request] | None:
+        """Wait for the next group of prompts (None: stopping)."""
+        with self.lock:
+            while not self.stopping:
+                if prefill.alive and (jobs := self.call(self.scheduler.next_prefill)):
+                    return jobs
+                if self.scheduler.waiting and not self.scheduler.servable():
+                    self.call(self.scheduler.fail_waiting, "no live prefill or decode worker")
+                # Pages free and workers return without a notify from here: poll while anything waits.
+                self.lock.wait(timeout=IDLE_POLL_S if self.scheduler.waiting or not prefill.alive else None)
+        return None
+
+    def _prefill_loop(self, prefill: PrefillExecutor) -> None:
+        while (jobs := self._next_prefill(prefill)) is not None:
+            self.update_gauges()
+            now = time.monotonic()
+            for request in jobs:
+                if request.metrics.scheduled is None:
+                    request.metrics.scheduled = now
+                    self.metrics.queue_time.observe(now - request.metrics.arrival)
+                    self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            try:
+                results = prefill.run_batch([PromptInput(r.all_ids, r.sampling, r.next_forced) for r in jobs])
+            except WorkerUnavailableError as exc:
+                log.warning("prefill worker %d lost with %d prompts: %s", prefill.index, len(jobs), exc)
+                self.call(self.scheduler.prefill_lost, jobs, str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad call must not stop the stage
+                log.exception("prefill of %d prompts failed", len(jobs))
+                for request in jobs:
+                    self.call(self.scheduler.fail, request, *_failure(exc))
+                continue
+            for request, (sampled, offer) in zip(jobs, results, strict=True):
+                self.transfers.put(_Handoff(request, sampled, offer))
+
+    # ------------------------------------------------------------------ transfer
+
+    def _transfer_loop(self) -> None:
+        while (item := self.transfers.get()) is not None:
+            request = item.request
+            try:
+                first = Sampled(*(np.asarray(x) for x in item.sampled))
+                if not self.call(self.scheduler.first_token, request, token_samples(first, [request])[0]):
+                    continue
+                target = self._decode_by_index(request.replica)
+                start = time.perf_counter()
+                staged, nbytes = target.receive(item.offer)
+                self.metrics.transfer_seconds.inc(time.perf_counter() - start)
+                self.metrics.transfer_bytes.inc(nbytes)
+            except Exception as exc:  # noqa: BLE001
+                log.error("KV hand-off of %s failed: %s", request.id, exc)
+                self.metrics.transfer_failures.inc()
+                self.call(self.scheduler.fail, request, *_failure(exc))
+                continue
+            self.inboxes[target.index].put((request, staged))
+
+    def _decode_by_index(self, index: int | None) -> DecodeExecutor:
+        return next(d for d in self._decode if d.index == index)
+
+    # ------------------------------------------------------------------ decode
+
+    def _decode_loop(self, replica: DecodeExecutor) -> None:
+        """Continuous batching on one decode replica.
+
+        When the next step runs the same rows as the one in flight (the steady state), it is dispatched
+        *before* the host reads the in-flight step's tokens: those tokens feed it on device, so the device
+        never waits for Python to stream tokens, check stops or build the next step. A row that finishes in
+        the step being read then computes one token in the step behind it, which is dropped.
+        """
+        s, index = self.scheduler, replica.index
+        inflight: _Step | None = None
+        while True:
+            if not self._admit_arrivals(replica, block=inflight is None and not s.has_work(index)):
+                self.call(s.stop_replica, index)
+                return
+            try:
+                if inflight is not None:
+                    rows = self.call(s.plan_ahead, index, inflight.rows) if replica.overlaps else None
+                    ahead = _Step(self._dispatch(replica, rows, inflight), rows) if rows else None
+                    sampled = replica.collect(inflight.handle)
+                    applied = self.call(s.step_done, inflight.rows, token_samples(sampled, inflight.rows))
+                    self.metrics.generation_tokens.inc(applied)
+                    inflight = ahead
+                    continue
+                plan = self.call(s.plan_step, index)
+                for request in plan.preempted:
+                    self.metrics.preemptions.inc()
+                    log.info(
+                        "preempted %s (%d tokens) on decode replica %d",
+                        request.id,
+                        len(request.all_ids),
+                        index,
+                    )
+                self.update_gauges()
+                self.metrics.running.labels(str(index)).set(len(plan.rows))
+                if plan.rows:
+                    inflight = _Step(self._dispatch(replica, plan.rows, None), plan.rows)
+            except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
+                log.exception("decode replica %d failed", index)
+                self.call(s.replica_failed, index, *_failure(exc))
+                inflight = None
+                replica.reset_pools()
+
+    def _admit_arrivals(self, replica: DecodeExecutor, block: bool) -> bool:
+        """Insert every KV that has arrived for ``replica`` (waiting a little for one when idle). False:
+        the engine is stopping."""
+        inbox, s = self.inboxes[replica.index], self.scheduler
+        try:
+            item = inbox.get(timeout=IDLE_POLL_S) if block else inbox.get_nowait()
+            while True:
+                if item is None:
+                    return False
+                request, staged = item
+                if not self.call(s.kv_arrived, request):
+                    replica.discard(staged)
+                else:
+                    try:
+                        replica.insert(staged, s.pages_of(request))
+                        self.call(s.inserted, request)
+                    except Exception as exc:  # noqa: BLE001
+                        log.error("KV insert of %s failed: %s", request.id, exc)
+                        self.call(s.fail, request, *_failure(exc))
+                item = inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _dispatch(self, replica: DecodeExecutor, rows: list[Request], behind: _Step | None) -> Any:
+        """Dispatch a step for ``rows``: from their last host tokens, or behind the step in flight."""
+        offset = 0 if behind is None else 1  # behind a step, each row is one token further
+        return replica.dispatch(
+            behind.handle if behind is not None else [r.all_ids[-1] for r in rows],
+            [len(r.all_ids) - 1 + offset for r in rows],
+            [self.scheduler.pages_of(r) for r in rows],
+            [r.sampling for r in rows],
+            [r.next_forced for r in rows],
+        )
+
+    # ------------------------------------------------------------------ output
+
+    def _output_loop(self) -> None:
+        while (emission := self.outputs.get()) is not None:
+            request = emission.request
+            token_ids = list(emission.token_ids)
+            self._stamp(request, len(token_ids))
+            done = self._processor.process(request, token_ids, emission.finish, emission.error)
+            if done.stop:
+                self.call(self.scheduler.cancel, request, FinishReason.STOP)
+            if done.output is not None:  # retired first: a client may reuse the id once it has the output
+                self.call(self.scheduler.retire, request)
+                self._finished(request, done.output.finish_reason)
+                request.stream.complete(done.output)
+            if done.chunk is not None:
+                request.stream.deliver(done.chunk)
+
+    def _stamp(self, request: Request, count: int) -> None:
+        """Time tokens as they reach the stream, which is when a client can see them (TTFT, ITL)."""
+        if not count:
+            return
+        now = time.monotonic()
+        m = request.metrics
+        if m.first_token is None:
+            m.first_token = now
+            self.metrics.ttft.observe(now - m.arrival)
+        elif m.token_times:
+            self.metrics.itl.observe(now - m.token_times[-1])
+        m.token_times += [now] * count
+
+    def _finished(self, request: Request, finish: FinishReason) -> None:
+        m = request.metrics
+        m.finished = time.monotonic()
+        self.metrics.requests.labels(finish.value).inc()
+        self.metrics.e2e.observe(m.finished - m.arrival)
+        if m.tpot is not None:
+            self.metrics.tpot.observe(m.tpot)
