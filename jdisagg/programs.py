@@ -6,6 +6,9 @@ compiled executables, so a request of a new length never triggers a compile on t
 
 - prefill[T]   (prefill replica, TP): causal forward over a prompt padded to T; returns the logits of the
                first token and the prompt's KV as ``[layers, T, kv_heads, head_dim]``.
+- prefill[B, T] (prefill replica, TP): prefill[T] for B prompts at once, each padded to T (compiled only
+               where B*T is within the prefill token budget); each row's KV is an output of its own, so a
+               prompt's hand-off is exactly prefill[T]'s; ``sample_rows[B]`` cuts its first tokens into rows.
 - insert[T]    (decode replica): scatters one prompt's KV into its pages of the donated pools.
 - decode[B, P] (decode replica, TP): one token for each of B sequences whose page tables fit P pages (so a
                step reads the live context, not ``max_context``); writes the new KV into its page and
@@ -17,7 +20,7 @@ compiled executables, so a request of a new length never triggers a compile on t
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -25,10 +28,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdisagg.executors import Sampled
 from jdisagg.kernels import paged_attention
 from jdisagg.kv_cache import KVPools
 from jdisagg.meshes import TP_AXIS
 from jdisagg.sampling import sample_tokens
+from jdisagg.sampling_params import TOP_LOGPROBS
 
 P = PartitionSpec
 
@@ -171,6 +176,53 @@ def compile_prefill(
     ).compile()
 
 
+def prefill_batch_fn(
+    graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, lengths: jax.Array
+) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
+    """tokens ``[B, T]`` (each prompt padded at the end), lengths ``[B]`` -> logits of each row's next token
+    ``[B, V]`` (float32) and per row its own (k, v) ``[L, T, KVH, D]``, as ``prefill_fn`` gives for that
+    prompt alone: separate outputs, so each prompt's KV is handed off (and freed) on its own."""
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, kvs = model.prefill(tokens, positions)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    logits = model.logits(last).astype(jnp.float32)
+    k = jnp.stack([k for k, _ in kvs], axis=1)  # [B, L, T, KVH, D]
+    v = jnp.stack([v for _, v in kvs], axis=1)
+    return logits, tuple((k[row], v[row]) for row in range(tokens.shape[0]))
+
+
+def compile_prefill_batch(
+    graphdef: nnx.GraphDef, state: Any, mesh: Mesh, batch: int, length: int, kv_out: NamedSharding
+) -> jax.stages.Compiled:
+    replicated = NamedSharding(mesh, P())
+    fn = jax.jit(
+        functools.partial(prefill_batch_fn, graphdef),
+        out_shardings=(replicated, tuple((kv_out, kv_out) for _ in range(batch))),
+    )
+    return fn.lower(
+        _abstract(state),
+        _spec((batch, length), jnp.int32, mesh),
+        _spec((batch,), jnp.int32, mesh),
+    ).compile()
+
+
+def compile_sample_rows(batch: int, mesh: Mesh) -> jax.stages.Compiled:
+    """Sampled ``[batch, ...]`` -> ``batch`` one-row Sampled on device: a batched prefill hands each prompt
+    its first token as ``prefill[T]`` does, without blocking on the host or compiling a slice per row."""
+    specs = Sampled(
+        _spec((batch,), jnp.int32, mesh),
+        _spec((batch,), jnp.float32, mesh),
+        _spec((batch, TOP_LOGPROBS), jnp.int32, mesh),
+        _spec((batch, TOP_LOGPROBS), jnp.float32, mesh),
+    )
+
+    def rows(sampled: Sampled) -> tuple[Sampled, ...]:
+        return tuple(Sampled(*(x[row : row + 1] for x in sampled)) for row in range(batch))
+
+    return jax.jit(rows, out_shardings=NamedSharding(mesh, P())).lower(specs).compile()
+
+
 def compile_insert(
     pools: KVPools, kv_in: jax.ShapeDtypeStruct, page_size: int, stored_heads: int, mesh: Mesh
 ) -> jax.stages.Compiled:
@@ -225,3 +277,36 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
         if n <= size:
             return size
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+MAX_BATCH_PADDING = 2  # a batched prefill call computes at most this many times its prompts' own tokens
+
+
+def plan_prefill_calls(
+    lengths: Sequence[int], buckets: tuple[int, ...], batched_buckets: tuple[int, ...], batch: int
+) -> list[list[int]]:
+    """Indices of the prompts of ``lengths`` grouped into prefill calls, longest bucket first: a group of
+    several is one ``prefill[batch, T]`` call of prompts of bucket T, a group of one runs on its own.
+
+    Prompts share a call only with their own bucket, so each one's KV hand-off keeps its own length. Up to
+    ``batch`` of them share a call when its ``batch`` rows cost at most ``MAX_BATCH_PADDING`` times theirs
+    (a call at least half full); otherwise they run one by one. Fewer calls save launches, but on a
+    compute-bound device (a CPU) a padding row costs what a real one does, so the saving must not buy
+    unbounded extra work: 2x is what the power-of-two length buckets already accept. Many waiting prompts
+    fill whole calls anyway.
+    """
+    def own_bucket(n: int) -> int | None:
+        return bucket_for(n, buckets) if n <= buckets[-1] else None  # longer: chunked or refused alone
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    calls = []
+    while order:
+        bucket = own_bucket(lengths[order[0]])
+        window = [i for i in order[:batch] if own_bucket(lengths[i]) == bucket]
+        if len(window) > 1 and bucket in batched_buckets and batch <= MAX_BATCH_PADDING * len(window):
+            calls.append(window)
+        else:
+            window = window[:1]
+            calls.append(window)
+        order = order[len(window):]
+    return calls

@@ -22,7 +22,16 @@ from jdisagg.kv_cache import init_page_pools, kv_sharding
 from jdisagg.kv_manager import SCRATCH_PAGE
 from jdisagg.meshes import PHASE_RULES, TP_AXIS, ShardRule, param_spec, stored_kv_heads
 from jdisagg.models.naming import keypath_param_path
-from jdisagg.programs import bucket_for, compile_decode, compile_insert, compile_prefill, compile_sample
+from jdisagg.programs import (
+    bucket_for,
+    compile_decode,
+    compile_insert,
+    compile_prefill,
+    compile_prefill_batch,
+    compile_sample,
+    compile_sample_rows,
+    plan_prefill_calls,
+)
 from jdisagg.sizes import ServingSizes
 
 
@@ -130,12 +139,19 @@ class PrefillReplica:
         state: Any,
         shape: ModelShape,
         buckets: tuple[int, ...],
+        *,
+        batch: int = 1,
+        batched_buckets: tuple[int, ...] = (),
     ) -> None:
         self.index, self.mesh, self.buckets = index, mesh, buckets
+        # prefill[batch, T] for T in batched_buckets (run_batch); a prompt on its own runs prefill[T].
+        self.batch, self.batched_buckets = batch, batched_buckets if batch > 1 else ()
+        self._batched: dict[int, jax.stages.Compiled] = {}
+        self._sample_rows: jax.stages.Compiled | None = None
         self._graphdef, self._state = graphdef, state
         self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
         self._compiled: dict[int, jax.stages.Compiled] = {}
-        self._sample = Sampler(mesh, shape.vocab_size, (1,))
+        self._sample = Sampler(mesh, shape.vocab_size, (1, batch) if self.batched_buckets else (1,))
 
     def compile_tasks(self) -> list[CompileTask]:
         def task(length: int) -> Callable[[], None]:
@@ -147,7 +163,27 @@ class PrefillReplica:
             return run
 
         programs = [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
-        return programs + self._sample.compile_tasks(f"prefill {self.index}")
+        return programs + self._batch_compile_tasks() + self._sample.compile_tasks(f"prefill {self.index}")
+
+    def _batch_compile_tasks(self) -> list[CompileTask]:
+        """prefill[batch, T] per batched bucket, and the program that cuts its sampled tokens into rows."""
+        if not self.batched_buckets:
+            return []
+
+        def task(length: int) -> Callable[[], None]:
+            def run() -> None:
+                self._batched[length] = compile_prefill_batch(
+                    self._graphdef, self._state, self.mesh, self.batch, length, self.kv_sharding
+                )
+
+            return run
+
+        def rows() -> None:
+            self._sample_rows = compile_sample_rows(self.batch, self.mesh)
+
+        name = f"prefill[{self.index}] batch {self.batch} len"
+        programs = [(f"{name} {n}", task(n)) for n in self.batched_buckets]
+        return programs + [(f"sample_rows[prefill {self.index}] batch {self.batch}", rows)]
 
     def run(
         self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
@@ -165,8 +201,32 @@ class PrefillReplica:
         return self._sample(logits, [sampling], [len(token_ids)], [forced]), (k, v)
 
     def run_batch(self, prompts: Sequence[PromptInput]) -> list[tuple[Sampled, tuple[jax.Array, jax.Array]]]:
-        """``run`` for each prompt (each dispatched asynchronously)."""
-        return [self.run(p.token_ids, p.sampling, p.forced) for p in prompts]
+        """Per prompt, in order, what ``run`` gives for it alone (first token one row, KV of its own), from as
+        few calls as the compiled shapes allow (``plan_prefill_calls``), each dispatched asynchronously."""
+        lengths = [len(p.token_ids) for p in prompts]
+        by_index = {}
+        for call in plan_prefill_calls(lengths, self.buckets, self.batched_buckets, self.batch):
+            if len(call) == 1:
+                p = prompts[call[0]]
+                by_index[call[0]] = self.run(p.token_ids, p.sampling, p.forced)
+            else:
+                by_index.update(zip(call, self._run_batched([prompts[i] for i in call]), strict=True))
+        return [by_index[i] for i in range(len(prompts))]
+
+    def _run_batched(
+        self, prompts: Sequence[PromptInput]
+    ) -> list[tuple[Sampled, tuple[jax.Array, jax.Array]]]:
+        """One prefill[batch, T] call for up to ``batch`` prompts of bucket T at most; one sampler call."""
+        length = bucket_for(max(len(p.token_ids) for p in prompts), self.batched_buckets)
+        tokens = np.zeros((self.batch, length), np.int32)
+        lengths = np.ones((self.batch,), np.int32)  # padding rows: one token, never read
+        for row, p in enumerate(prompts):
+            tokens[row, : len(p.token_ids)] = p.token_ids
+            lengths[row] = len(p.token_ids)
+        logits, kvs = self._batched[length](self._state, _put(self.mesh, tokens), _put(self.mesh, lengths))
+        rows = [p.sampling for p in prompts]
+        sampled = self._sample(logits, rows, lengths[: len(prompts)].tolist(), [p.forced for p in prompts])
+        return list(zip(self._sample_rows(sampled), kvs, strict=True))[: len(prompts)]
 
 
 class DecodeReplica:
@@ -340,7 +400,16 @@ def build_prefill_replica(
     """Place the params on ``mesh`` with the prefill rules; programs compile later (``compile_tasks``)."""
     shape = model_shape(graphdef, state)
     params = place_params(state, mesh, PHASE_RULES["prefill"], shape)
-    return PrefillReplica(index, mesh, graphdef, params, shape, sizes.prefill_buckets)
+    return PrefillReplica(
+        index,
+        mesh,
+        graphdef,
+        params,
+        shape,
+        sizes.prefill_buckets,
+        batch=sizes.max_prefill_batch,
+        batched_buckets=sizes.batched_prefill_buckets,
+    )
 
 
 def build_decode_replica(

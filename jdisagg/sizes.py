@@ -27,6 +27,15 @@ class ServingSizes:
         return power_of_two_buckets(max(self.page_size, 16), self.max_context)
 
     @property
+    def batched_prefill_buckets(self) -> tuple[int, ...]:
+        """Prompt lengths that also get a ``prefill[max_prefill_batch, T]`` program: those whose full batch
+        fits the prefill token budget (none when ``max_prefill_batch`` is 1)."""
+        if self.max_prefill_batch < 2:
+            return ()
+        budget = self.prefill_token_budget
+        return tuple(t for t in self.prefill_buckets if self.max_prefill_batch * t <= budget)
+
+    @property
     def batch_buckets(self) -> tuple[int, ...]:
         return power_of_two_buckets(1, self.max_batch)
 
