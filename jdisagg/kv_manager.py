@@ -95,6 +95,14 @@ class KVManager:
         self._held[holder] = (replica, pages + new)
         return new
 
+    def share(self, holder: Hashable, replica: int, pages: list[int]) -> None:
+        """``holder`` holds ``pages`` (in use by another holder) too, after the ones it already has."""
+        where, held = self._held.get(holder, (replica, []))
+        if where != replica:
+            raise AssertionError(f"{holder!r} holds pages on replica {where}, not {replica}")
+        self.pools[replica].share(pages)
+        self._held[holder] = (replica, held + list(pages))
+
     def pages(self, holder: Hashable) -> list[int]:
         return self._held.get(holder, (0, []))[1]
 
