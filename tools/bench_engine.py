@@ -15,6 +15,7 @@ follow the live context, not the configured one.
     python tools/bench_engine.py context --contexts 256,1024,4096,16384
     python tools/bench_engine.py sampling --vocab 128256 --batch 16      # the sampler's share of a step
     python tools/bench_engine.py overhead --batch 8                      # engine TPOT vs the device step
+    python tools/bench_engine.py prefill --batch 16 --prompt-len 128     # HF vs run_batch vs one at a time
 
 ``--random-weights`` (the default for ``peers``) builds the model straight onto the device with no
 checkpoint on disk; HF then gets the same weights through a temporary safetensors directory (CPU sizes only).
@@ -327,6 +328,95 @@ def sampling_share(args) -> list[dict]:
     return out
 
 
+def prefill_throughput(args) -> list[dict]:
+    """Prefill of ``--batch`` prompts of ``--prompt-len`` tokens: HF transformers' forward as ``generate()``
+    runs it (KV cache built, logits of the last token only) against one jdisagg prefill replica built the
+    engine's way, through ``run_batch`` (the engine's path: batched prefill programs) and through ``run``
+    one prompt at a time. Each system: the median wall time of ``--repeats`` runs after a warm-up, until every
+    first token and KV is ready; the first tokens of the three are compared (greedy)."""
+    import jax
+    from flax import nnx
+
+    from jdisagg.executors import PromptInput, SamplingRow
+    from jdisagg.meshes import build_layout
+    from jdisagg.replicas import build_prefill_replica
+    from jdisagg.sizes import plan_sizes
+
+    config = model_config(args.config, args.dtype)
+    module = random_model(config, seed=0)
+    batch_prompts = prompts(args.batch, args.prompt_len, config.vocab_size)
+    context = 1 << (args.prompt_len - 1).bit_length()  # the prompt's own bucket is the largest one
+    sizes = plan_sizes(config, page_size=16, max_batch=1, max_context=context, num_pages=None)
+    mesh = build_layout("1x1", "1x1").prefill.replicas[0]
+    replica = build_prefill_replica(0, mesh, *nnx.split(module), sizes)
+    start, tasks = time.perf_counter(), replica.compile_tasks()
+    for _, compile_program in tasks:
+        compile_program()
+    print(f"prefill replica: {len(tasks)} programs compiled in {time.perf_counter() - start:.1f} s (batched: "
+          f"{sizes.max_prefill_batch} prompts at lengths {sizes.batched_prefill_buckets})")
+    greedy = SamplingRow(0.0, 0, 1.0, 0)
+    inputs = [PromptInput(p, greedy) for p in batch_prompts]
+
+    def batched() -> list[int]:
+        return [int(np.asarray(s.tokens)[0]) for s, _ in jax.block_until_ready(replica.run_batch(inputs))]
+
+    def one_at_a_time() -> list[int]:
+        results = jax.block_until_ready([replica.run(p, greedy) for p in batch_prompts])
+        return [int(np.asarray(s.tokens)[0]) for s, _ in results]
+
+    systems = {"jdisagg run_batch": batched, "jdisagg one at a time": one_at_a_time}
+    if not args.no_hf:
+        systems = {"HF transformers": hf_prefill(module, batch_prompts), **systems}
+    timings, first_tokens = {}, {}
+    for name, run in systems.items():
+        first_tokens[name] = run()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            begin = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - begin)
+        timings[name] = statistics.median(times)
+    reference = timings.get("HF transformers")
+    alone = timings["jdisagg one at a time"]
+    tokens = args.batch * args.prompt_len
+    print(f"\nprefill of {args.batch} x {args.prompt_len} tokens ({args.config}, {args.dtype})")
+    print(f"{'system':24} {'ms':>9} {'prompt tok/s':>13} {'vs HF':>7} {'vs one at a time':>17}")
+    rows = []
+    for name, seconds in timings.items():
+        vs_hf = reference / seconds if reference else None
+        print(f"{name:24} {1e3 * seconds:9.1f} {tokens / seconds:13.1f} "
+              f"{'' if vs_hf is None else f'{vs_hf:6.2f}x':>7} {alone / seconds:16.2f}x")
+        rows.append({"system": name, "batch": args.batch, "prompt_len": args.prompt_len, "ms": 1e3 * seconds,
+                     "prompt_tok_s": tokens / seconds, "vs_hf": vs_hf, "vs_one_at_a_time": alone / seconds})
+    same = all(t == first_tokens["jdisagg one at a time"] for t in first_tokens.values())
+    print(f"greedy first tokens identical across systems: {same}")
+    for row in rows:
+        row["greedy_identical"] = same
+    return rows
+
+
+def hf_prefill(module, batch_prompts):
+    """HF transformers' prefill of the batch with ``module``'s weights: the forward ``generate()`` runs
+    before its first token (``use_cache=True``, ``logits_to_keep=1``); returns a callable giving the greedy
+    first tokens."""
+    import torch
+    import transformers
+
+    from jdisagg.models import save_hf_safetensors
+
+    directory = tempfile.mkdtemp(prefix="bench-hf-")
+    save_hf_safetensors(module, directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor(batch_prompts)
+
+    def run() -> list[int]:
+        with torch.inference_mode():
+            out = model(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1).tolist()
+
+    return run
+
+
 def host_overhead(args) -> list[dict]:
     """Engine TPOT against the device's own step time on the demo model.
 
@@ -448,12 +538,19 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--batch", type=int, default=16)
     m.add_argument("--context", type=int, default=192)
     m.add_argument("--repeats", type=int, default=10)
+    f = sub.add_parser("prefill", help="prefill throughput: HF vs run_batch vs one prompt at a time")
+    f.add_argument("--config", choices=sorted(CONFIGS), default="llama-124m")
+    f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    f.add_argument("--batch", type=int, default=16, help="prompts")
+    f.add_argument("--prompt-len", type=int, default=128)
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--no-hf", action="store_true", help="skip HF transformers (e.g. on a GPU without torch)")
     h = sub.add_parser("overhead", help="engine TPOT against the device step time (demo model)")
     h.add_argument("--batch", type=int, default=8)
     h.add_argument("--prompt-len", type=int, default=32)
     h.add_argument("--output-len", type=int, default=128)
     h.add_argument("--context", type=int, default=256)
-    for sp in (p, c, m, h):
+    for sp in (p, c, m, f, h):
         sp.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
@@ -461,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     commands = {"peers": peers, "context": context_sweep, "sampling": sampling_share,
-                "overhead": host_overhead}
+                "overhead": host_overhead, "prefill": prefill_throughput}
     rows = commands[args.command](args)
     meta = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
