@@ -82,6 +82,25 @@ def test_impossible_mesh_is_one_line_exit_2():
     assert result.stdout == ""
 
 
+# bfloat16 pages are 32768 bytes of the demo model (float32: 65536), so the budget holds 3 of them.
+TOO_SMALL = "KV budget of 0.0001 GiB per decode device (kv_cache_gb=0.0001) holds 3 pages of 32768 bytes"
+
+
+@pytest.mark.parametrize(("flags", "reason"), [
+    (["--kv-cache-gb", "0.0001"], TOO_SMALL),
+    (["--memory-fraction", "0.5"], "--memory-fraction is not supported with --processes"),
+], ids=["kv-budget-too-small", "memory-fraction"])
+def test_processes_refuse_a_kv_budget_they_cannot_serve_in_one_line_exit_2(flags, reason):
+    """Checked before any worker starts: the budget is counted in the dtypes the workers will serve in."""
+    result = _run("launch", "--processes", "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-context",
+                  "128", "--dtype", "bfloat16", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+                  *flags)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"jdisagg: error: {reason}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stdout == ""
+
+
 def test_info_prints_layout_and_shardings(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

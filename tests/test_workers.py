@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from jdisagg.engine import Engine
 from jdisagg.meshes import parse_mesh_spec
@@ -339,18 +341,30 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_launch_processes_serves_and_sigterm_stops_its_workers(tmp_path):
+# The launched workers' KV budget per decode device: 24 bfloat16 pages of the demo model on one device (a
+# page holds k and v of every layer: 2 x 4 layers x 4 kv heads x 16 tokens x 32 dims x 2 bytes). In float32
+# the same budget would hold 12.
+LAUNCH_PAGE_BYTES = 2 * DEMO_CONFIG.num_layers * DEMO_CONFIG.num_kv_heads * 16 * DEMO_CONFIG.head_dim * 2
+LAUNCH_KV_CACHE_GB = 24 * LAUNCH_PAGE_BYTES / 2**30
+LAUNCH_DTYPES = {"dtype": "bfloat16", "kv_cache_dtype": "bfloat16"}
+
+
+def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_stops_its_workers(tmp_path):
+    """``--dtype/--kv-cache-dtype/--kv-cache-gb`` reach the spawned workers: the pages are what the budget
+    buys in bfloat16, the workers say what they serve in, and the tokens are the in-process engine's with
+    the same flags."""
     from jdisagg.serving.client import wait_until_serving
     from jdisagg.v1 import jdisagg_pb2 as pb
 
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     with open(tmp_path / "launch.log", "wb") as log:
         front = subprocess.Popen(
             [sys.executable, "-m", "jdisagg.cli", "launch", "--processes", "--prefill-mesh", "1x1",
              "--decode-mesh", "1x1", "--max-batch", str(SIZES.max_batch), "--max-context",
-             str(SIZES.max_context), "--port", str(port), "--metrics-port", "0", "--http-port", "0",
-             "--no-progress"],
+             str(SIZES.max_context), "--dtype", "bfloat16", "--kv-cache-dtype", "bfloat16", "--kv-cache-gb",
+             repr(LAUNCH_KV_CACHE_GB), "--port", str(port), "--metrics-port", str(metrics_port),
+             "--http-port", "0", "--no-progress"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     try:
@@ -361,8 +375,8 @@ def test_launch_processes_serves_and_sigterm_stops_its_workers(tmp_path):
             reply = pb_grpc.GenerationStub(channel).GenerateUnary(
                 make_request(PROMPTS[0], max_tokens=GREEDY.max_tokens), timeout=120
             )
-        assert list(reply.token_ids) == _reference("1x1", "1x1")["greedy"][0]
-        assert reply.finish_reason == pb.FINISH_REASON_LENGTH
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
         front.send_signal(signal.SIGTERM)
         assert front.wait(timeout=120) == 0, (tmp_path / "launch.log").read_text()[-3000:]
         for pid in children:
@@ -371,6 +385,21 @@ def test_launch_processes_serves_and_sigterm_stops_its_workers(tmp_path):
     finally:
         if front.poll() is None:
             front.kill()
+    log_text = (tmp_path / "launch.log").read_text()
+    for said in ("prefill worker: params in bfloat16",
+                 "decode worker: params in bfloat16, KV pages in bfloat16 (24 with scratch)"):
+        assert said in log_text, log_text[-3000:]
+    assert f"{LAUNCH_PAGE_BYTES} bytes per page" in log_text
+    totals = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+              if s.name == "jdisagg_kv_pages_total"]
+    assert totals == [23]  # the scratch page is not handed out
+    with Engine(prefill_mesh="1x1", decode_mesh="1x1", page_size=SIZES.page_size, max_batch=SIZES.max_batch,
+                max_context=SIZES.max_context, kv_cache_gb=LAUNCH_KV_CACHE_GB, progress=False,
+                **LAUNCH_DTYPES) as engine:
+        assert engine.stats()["pages_total"] == [23]
+        want = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    assert list(reply.token_ids) == want
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH
 
 
 def test_kv_that_never_arrives_fails_its_request_and_frees_its_pages(tmp_path):

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from jdisagg.engine import Engine
+    from jdisagg.models.config import ModelConfig
     from jdisagg.serving.openai.server import HTTPServer
+    from jdisagg.sizes import ServingSizes
 
 log = logging.getLogger("jdisagg.serving")
 
@@ -61,6 +63,7 @@ def launch(opts: LaunchOptions) -> int:
     """Serve until a signal, then drain; returns the exit code. Raises ``LaunchError`` for bad options."""
     from jdisagg.serving.devices import choose_meshes, host_devices_for, request_host_devices
 
+    user_platforms = os.environ.get("JAX_PLATFORMS")  # the workers' (the front pins its own to cpu)
     if opts.processes:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the workers own the accelerators, not the front
     request_host_devices(host_devices_for(opts.prefill_mesh, opts.decode_mesh, opts.colocate))
@@ -77,6 +80,9 @@ def launch(opts: LaunchOptions) -> int:
             if opts.colocate:
                 raise ValueError("--processes runs prefill and decode in separate workers: drop --colocate")
             _check_process_options(opts)
+            from jdisagg.serving.plan import model_config
+
+            worker_sizes = _worker_sizes(opts, model_config(opts.model), parse_mesh_spec(meshes.decode).tp)
         else:
             build_layout(meshes.prefill, meshes.decode, colocate=meshes.colocate)
         enable_compile_cache(opts.compile_cache)
@@ -92,7 +98,7 @@ def launch(opts: LaunchOptions) -> int:
         log.info("gRPC listening on %s (NOT_SERVING until the engine is ready)", address)
         try:
             if opts.processes:
-                engine, stop_workers = _start_processes(opts, meshes)
+                engine, stop_workers = _start_processes(opts, meshes, worker_sizes, user_platforms)
             else:
                 engine = _start_engine(opts, meshes)
             server.serve(engine, opts.host, opts.metrics_port)
@@ -152,33 +158,57 @@ def _start_http(opts: LaunchOptions) -> HTTPServer:
 
 
 def _check_process_options(opts: LaunchOptions) -> None:
-    """Spawned workers serve in their default dtypes and the front sizes pages by count only (it cannot
-    see the workers' devices): refuse what would be silently ignored."""
-    ignored = [flag for flag, value, default in (
-        ("--dtype", opts.dtype, "auto"), ("--kv-cache-dtype", opts.kv_cache_dtype, "auto"),
-        ("--kv-cache-gb", opts.kv_cache_gb, None), ("--memory-fraction", opts.memory_fraction, None),
-    ) if value != default]
-    if ignored:
-        raise ValueError(f"{', '.join(ignored)} not supported with --processes yet: size the cache with "
-                         "--num-pages (workers started by hand take --dtype/--kv-cache-dtype)")
+    """The front sizes the KV cache before any worker has seen its devices, so it cannot take a share of
+    their memory: refuse what would be silently ignored."""
+    if opts.memory_fraction is not None:
+        raise ValueError("--memory-fraction is not supported with --processes (the front counts the KV "
+                         "pages before any worker sees its devices): state the budget per decode device with "
+                         "--kv-cache-gb, or the page count with --num-pages")
 
 
-def _start_processes(opts: LaunchOptions, meshes) -> tuple[Engine, Callable[[float], None]]:
-    """The front and one child worker per replica; returns the front's engine and how to stop it all."""
-    from jdisagg.meshes import parse_mesh_spec
-    from jdisagg.serving.plan import model_config
+def _worker_sizes(opts: LaunchOptions, config: ModelConfig, decode_tp: int) -> ServingSizes:
+    """The sizes every worker compiles for, with the page count ``--kv-cache-gb`` buys on a decode device.
+
+    The KV dtype is counted as the workers will resolve it on CPU; ``--dtype auto`` on an accelerator
+    serves in bfloat16, never wider than the checkpoint, so the stated budget holds there too.
+    """
+    import dataclasses
+
+    from jdisagg.memory import GIB, KVShape, pages_for_budget, resolve_kv_cache_dtype
+    from jdisagg.models.loading import serving_dtype
     from jdisagg.sizes import plan_sizes
+
+    sizes = plan_sizes(config, page_size=opts.page_size, max_batch=opts.max_batch,
+                       max_context=opts.max_context, num_pages=opts.num_pages)
+    model_dtype = serving_dtype(opts.dtype, str(config.dtype), "cpu")
+    kv_dtype = resolve_kv_cache_dtype(opts.kv_cache_dtype, model_dtype)
+    if opts.num_pages is not None or opts.kv_cache_gb is None:
+        return sizes
+    kv = KVShape(config.num_layers, config.num_kv_heads, config.head_dim, decode_tp, kv_dtype)
+    plan = pages_for_budget(int(opts.kv_cache_gb * GIB), kv, page_size=sizes.page_size,
+                            max_context=sizes.max_context, source=f"kv_cache_gb={opts.kv_cache_gb:g}")
+    log.info("%s", plan.describe())
+    return dataclasses.replace(sizes, num_pages=plan.num_pages)
+
+
+def _start_processes(
+    opts: LaunchOptions, meshes, sizes: ServingSizes, jax_platforms: str | None
+) -> tuple[Engine, Callable[[float], None]]:
+    """The front and one child worker per replica (on ``jax_platforms``, the user's JAX_PLATFORMS); returns
+    the front's engine and how to stop it all."""
+    from jdisagg.meshes import parse_mesh_spec
     from jdisagg.workers.front import Front, spawn_workers, stop_workers
 
-    sizes = plan_sizes(model_config(opts.model), page_size=opts.page_size, max_batch=opts.max_batch,
-                       max_context=opts.max_context, num_pages=opts.num_pages)
     front = Front(opts.model, parse_mesh_spec(meshes.prefill), parse_mesh_spec(meshes.decode), sizes,
                   host=opts.host, port=opts.control_port, attention_backend=opts.attention_backend,
                   max_queue=opts.max_queue, tokenizer_path=opts.tokenizer,
-                  served_model_name=opts.served_model_name)
+                  served_model_name=opts.served_model_name, dtype=opts.dtype,
+                  kv_cache_dtype=opts.kv_cache_dtype)
     print(f"jdisagg: workers join at {front.address}", flush=True)
     cpus = {"prefill": opts.prefill_cpus, "decode": opts.decode_cpus}
-    children = spawn_workers(front, devices_per_worker=opts.worker_devices, cpus=cpus, progress=opts.progress)
+    children = spawn_workers(front, devices_per_worker=opts.worker_devices, cpus=cpus, progress=opts.progress,
+                             compile_cache=opts.compile_cache,
+                             env_overrides={"JAX_PLATFORMS": jax_platforms})
 
     def stop(grace: float) -> None:
         front.shutdown(drain=True, timeout=grace)  # the engine drained already; this stops the rest

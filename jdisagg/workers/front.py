@@ -41,7 +41,9 @@ class ControlService(wpb_grpc.ControlServicer):
         self._front = front
         self._lock = threading.Lock()
         self._leases = itertools.count(1)
-        self.kv_dtype: str | None = None  # set by the first worker; all others must match
+        # The dtype KV leaves prefill in (the params'): the one the front was given, else the first
+        # worker's; every worker must match it.
+        self.kv_dtype: str | None = None if front.dtype == "auto" else front.dtype
 
     def GetSettings(self, request: wpb.SettingsRequest, context: grpc.ServicerContext) -> wpb.Settings:
         if request.role not in ("prefill", "decode"):
@@ -97,6 +99,8 @@ class Front:
         evict_after_s: a worker that answers nothing for this long is evicted. A stall shorter than this
             (a GC pause, a busy host) only delays the streams on it; a longer one fails them with
             UNAVAILABLE, and the worker registers again once it runs. A refused connection evicts at once.
+        dtype / kv_cache_dtype: what spawned workers serve params and KV pages in (``jdisagg worker
+            --dtype/--kv-cache-dtype``); a worker whose params have another dtype than ``dtype`` is refused.
     """
 
     def __init__(
@@ -117,6 +121,8 @@ class Front:
         evict_after_s: float = 10.0,
         tokenizer_path: str | None = None,
         served_model_name: str | None = None,
+        dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         from jdisagg.metrics import model_name_of
         from jdisagg.serving.plan import model_config
@@ -135,6 +141,7 @@ class Front:
         self.specs = {"prefill": prefill, "decode": decode}
         self.sizes, self.attention_backend = sizes, attention_backend
         self.offer_timeout_s = offer_timeout_s
+        self.dtype, self.kv_cache_dtype = dtype, kv_cache_dtype  # what spawned workers serve in
         self.prefill = [RemotePrefillReplica(i, rpc_timeout_s) for i in range(prefill.dp)]
         self.decode = [RemoteDecodeReplica(i, sizes.num_pages, rpc_timeout_s, pull_timeout_s)
                        for i in range(decode.dp)]
@@ -205,18 +212,27 @@ def spawn_workers(
     cpus: dict[str, str] | None = None,
     log_dir: Path | None = None,
     progress: bool = False,
+    compile_cache: str | None = None,
+    env_overrides: dict[str, str | None] | None = None,
 ) -> list[subprocess.Popen]:
     """Start one child process per slot, each owning its own devices (``jdisagg worker --join``).
 
     On CPU a child splits the host into ``devices_per_worker`` virtual devices (default: its role's tp);
     ``cpus`` pins each role's children to cores (``{"prefill": "0", "decode": "1"}``). On GPUs each child
-    sees only its own ``tp`` GPUs (``CUDA_VISIBLE_DEVICES``), handed out in slot order.
+    sees only its own ``tp`` GPUs (``CUDA_VISIBLE_DEVICES``), handed out in slot order. ``env_overrides``
+    set (or, as None, remove) variables of the children's environment, e.g. JAX_PLATFORMS when this process
+    pinned its own.
     """
     children = []
     gpu = 0
     for slot in front.slots:
         tp = front.specs[slot.role].tp
         env = dict(os.environ)
+        for name, value in (env_overrides or {}).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         flags = env.get("XLA_FLAGS", "").split()
         env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu + i) for i in range(tp))
@@ -229,6 +245,9 @@ def spawn_workers(
             command += ["--cpus", cpus[slot.role]]
         if front.tokenizer_path:
             command += ["--tokenizer", front.tokenizer_path]
+        command += ["--dtype", front.dtype, "--kv-cache-dtype", front.kv_cache_dtype]
+        if compile_cache is not None:
+            command += ["--compile-cache", compile_cache]
         out = None
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)

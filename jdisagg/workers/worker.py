@@ -277,6 +277,8 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     tasks = replica.compile_tasks()
     for _, run in tqdm(tasks, desc=f"compiling {opts.role}", disable=not opts.progress, unit="program"):
         run()
+    pools = f", KV pages in {cache_dtype} ({sizes.num_pages} with scratch)" if opts.role == "decode" else ""
+    log.info("%s worker: params in %s%s", opts.role, config.dtype, pools)
     device = f"{settings.tp} {devices[0].platform} device(s)"
     return service, fingerprint(config, kv_dtype, settings), device
 
