@@ -11,8 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "Engine": "jdisagg.engine",
-    "EngineClosedError": "jdisagg.engine",
-    "QueueFullError": "jdisagg.engine",
+    "EngineClosedError": "jdisagg.errors",
+    "QueueFullError": "jdisagg.errors",
     "FinishReason": "jdisagg.outputs",
     "Output": "jdisagg.outputs",
     "StreamChunk": "jdisagg.outputs",

@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from jdisagg.engine import Engine, EngineClosedError, QueueFullError
+from jdisagg.engine import Engine
+from jdisagg.errors import EngineClosedError, QueueFullError
 from jdisagg.outputs import FinishReason, Output, RequestMetrics, StreamChunk
 from jdisagg.requests import RequestStream
 from jdisagg.sampling_params import (
