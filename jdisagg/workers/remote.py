@@ -200,21 +200,7 @@ class RemoteDecodeReplica(RemoteReplica):
         sampling: Sequence[SamplingRow],
         forced: Sequence[int],
     ) -> Sampled:
-        """The in-process replica's dispatch/collect pair over one blocking ``Step`` RPC."""
-        return self.step(tokens, positions, pages, sampling, forced)
-
-    @staticmethod
-    def collect(step: Sampled) -> Sampled:
-        return step
-
-    def step(
-        self,
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        pages: Sequence[Sequence[int]],
-        sampling: Sequence[SamplingRow],
-        forced: Sequence[int],
-    ) -> Sampled:
+        """One blocking ``Step`` RPC: the step has run when it returns (``collect`` only hands it over)."""
         request = wpb.StepRequest(
             tokens=list(tokens),
             positions=list(positions),
@@ -225,6 +211,10 @@ class RemoteDecodeReplica(RemoteReplica):
         )
         reply = self._call("Step", request)
         return _sampled(reply.tokens, reply.logprobs, reply)
+
+    @staticmethod
+    def collect(step: Sampled) -> Sampled:
+        return step
 
     def reset_pools(self) -> None:
         if self.alive:
