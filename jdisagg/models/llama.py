@@ -1,8 +1,9 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2) in ``flax.nnx``, split as disaggregated serving runs it.
 
-``prefill`` is the dense causal forward over a prompt and hands back every layer's k/v; ``decode`` advances
-one token per sequence and leaves the KV cache and the attention kernel to the caller through ``attend``,
-so the same weights serve a paged cache, a dense test cache, or any kernel the engine picks.
+``prefill`` is the dense causal forward over a prompt and hands back every layer's k/v; ``prefill_chunk``
+(a chunk of a long prompt over the KV of the chunks before it) and ``decode`` (one token per sequence) leave
+the KV cache and the attention to the caller through ``attend``, so the same weights serve a paged cache, a
+dense per-prompt buffer, a test cache, or any kernel the engine picks. All three run one layer loop.
 
 Conventions:
 - ``prefill`` and ``decode`` work on the residual stream *before* the final norm; ``logits`` applies the
@@ -152,14 +153,24 @@ class Llama(nnx.Module):
 
         k (after rope) and v are ``[B, T, KVH, hd]``: exactly what ``decode``'s ``attend`` must see again.
         """
-        inv_freq = inverse_frequencies(self.config)
-        x = self.embed_tokens(tokens)
-        kvs = []
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(x, positions, inv_freq)
-            x = layer.finish(x, causal_attention(q, k, v, self.config.attention_window(i)))
-            kvs.append((k, v))
-        return x, kvs
+
+        def dense(q, k, v, cache, window=None):
+            return causal_attention(q, k, v, window), (k, v)
+
+        return self.prefill_chunk(tokens, positions, [None] * len(self.layers), dense)
+
+    def prefill_chunk(
+        self, tokens: jax.Array, positions: jax.Array, caches: list[C], attend: Attend
+    ) -> tuple[jax.Array, list[C]]:
+        """Tokens ``[B, T]`` at ``positions`` attending through ``attend``: pre-final-norm hidden
+        ``[B, T, D]`` and the updated caches. A long prompt runs chunk by chunk this way, each chunk
+        attending to the cache of the chunks before it.
+
+        Per layer, ``attend(q [B, T, H, hd], k [B, T, KVH, hd], v [B, T, KVH, hd], cache, window=w)`` stores
+        k/v and returns ``[B, T, H, hd]``: causal attention over every earlier position and the chunk's own
+        (only the last ``w`` positions when ``w`` is not None; scale ``head_dim ** -0.5``), and the new cache.
+        """
+        return self._layers(tokens, positions, caches, attend)
 
     def decode(
         self, tokens: jax.Array, positions: jax.Array, caches: list[C], attend: Attend
@@ -171,6 +182,13 @@ class Llama(nnx.Module):
         (only the last ``w`` of them when ``w`` is not None; scale ``head_dim ** -0.5``) together with the
         new cache.
         """
+        hidden, caches = self._layers(tokens, positions, caches, attend)
+        return self.logits(hidden), caches
+
+    def _layers(
+        self, tokens: jax.Array, positions: jax.Array, caches: list[C], attend: Attend
+    ) -> tuple[jax.Array, list[C]]:
+        """The decoder stack with attention left to ``attend``: one loop for prefill, chunks and decode."""
         inv_freq = inverse_frequencies(self.config)
         x = self.embed_tokens(tokens)
         new_caches = []
@@ -179,7 +197,7 @@ class Llama(nnx.Module):
             attended, cache = attend(q, k, v, cache, window=self.config.attention_window(i))
             x = layer.finish(x, attended)
             new_caches.append(cache)
-        return self.logits(x), new_caches
+        return x, new_caches
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm + LM head (the embedding transposed when tied): ``[..., D]`` -> float32 ``[..., V]``."""

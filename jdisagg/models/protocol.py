@@ -1,7 +1,7 @@
 """What the engine needs from a model: the contract for bringing your own Flax model.
 
 The engine never looks inside a model. It reads a few sizes from ``model.config`` (to lay out the paged KV
-cache and check that heads divide over tensor parallelism) and calls three pure-traceable methods, each
+cache and check that heads divide over tensor parallelism) and calls four pure-traceable methods, each
 compiled as its own XLA program. Any ``nnx.Module`` with these members serves; ``jdisagg.models.Llama``
 is the built-in one. Params are sharded by the rules in ``jdisagg.meshes.rules``, matched against the
 ``/``-joined param paths, so a new architecture adds rules there rather than code in the engine.
@@ -45,6 +45,20 @@ class ServingModel(Protocol):
         Token i attends to tokens j <= i of its row (rows are padded at the end; a sliding-window layer only
         to the last ``window`` of them). k is after rope: the engine stores these in the cache and ``decode``
         attends to them unchanged.
+        """
+        ...
+
+    def prefill_chunk(
+        self, tokens: jax.Array, positions: jax.Array, caches: list[C],
+        attend: Callable[[jax.Array, jax.Array, jax.Array, C], tuple[jax.Array, C]],
+    ) -> tuple[jax.Array, list[C]]:
+        """Part of a long prompt: int32 ``[B, T]`` at ``[B, T]`` -> hidden ``[B, T, D]`` and new caches.
+
+        The engine prefills a prompt longer than its chunk length chunk by chunk through this. As in
+        ``decode``, for layer i the model calls ``out, caches[i] = attend(q [B, T, H, hd], k [B, T, KVH, hd],
+        v [B, T, KVH, hd], caches[i], window=w)``; the engine's ``attend`` stores k/v and returns ``out
+        [B, T, H, hd]``, causal attention over the earlier chunks' positions and the chunk's own (the last
+        ``w`` positions only when ``w`` is not None). ``hidden`` is what ``prefill`` returns for these tokens.
         """
         ...
 

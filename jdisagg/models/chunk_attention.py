@@ -1,0 +1,67 @@
+"""Attention of one prompt chunk over the keys of the chunks before it, block by block (online softmax).
+
+A long prompt is prefilled chunk by chunk (``jdisagg.programs.chunk_prefill_fn``): chunk ``c`` attends to
+the keys of chunks ``0..c``, kept in a dense per-prompt buffer. Scoring a chunk against the whole buffer at
+once would materialise ``[heads, chunk, context]`` floats; here the keys are visited in blocks with a
+running max, a running sum and a rescaled accumulator (the flash-attention recurrence), so the scores in
+memory are ``[heads, chunk, block]`` whatever the context.
+
+The loop runs from the first block a sliding window can reach to the last block holding a key at or before
+the chunk's last position: a dynamic trip count (``lax.fori_loop`` with traced bounds), so one compiled
+program serves every chunk of every prompt and an early chunk reads only the live prefix of the buffer, not
+its capacity. Plain XLA on every platform (CPU, GPU, TPU): no Pallas kernel or cuDNN call is needed for the
+recurrence, and the chunk's matmuls are large enough that XLA's fusions keep the device busy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def chunk_attention(
+    q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, start: jax.Array, *, block: int,
+    window: int | None = None,
+) -> jax.Array:
+    """Causal GQA of a chunk's queries over a key buffer, in key blocks of ``block`` tokens.
+
+    q ``[T, H, hd]`` holds positions ``start .. start + T - 1``; k_buf/v_buf ``[S, KVH, hd]`` (S a multiple
+    of ``block``) hold the keys of positions ``0 .. start + T - 1`` at those indices (the chunk's own
+    included), anything beyond is never weighted. Query i attends to keys j <= i (and j > i - window with a
+    sliding ``window``); query head h reads kv head ``h // (H // KVH)``. Scale ``hd ** -0.5``; scores,
+    softmax and the accumulator in float32. Returns ``[T, H, hd]`` in v's dtype.
+    """
+    t, h, hd = q.shape
+    kvh = k_buf.shape[1]
+    grouped = q.reshape(t, kvh, h // kvh, hd)
+    query_pos = start + jnp.arange(t)
+    last_block = (start + t + block - 1) // block
+    first_block = 0 if window is None else jnp.maximum(start - window + 1, 0) // block
+    lowest = jnp.finfo(jnp.float32).min
+
+    def visit(b, carry):
+        running_max, running_sum, acc = carry
+        keys = lax.dynamic_slice_in_dim(k_buf, b * block, block)
+        values = lax.dynamic_slice_in_dim(v_buf, b * block, block)
+        scores = jnp.einsum("tkgd,skd->kgts", grouped, keys, preferred_element_type=jnp.float32) * hd**-0.5
+        key_pos = b * block + jnp.arange(block)
+        visible = key_pos[None, :] <= query_pos[:, None]
+        if window is not None:
+            visible &= key_pos[None, :] > query_pos[:, None] - window
+        scores = jnp.where(visible, scores, lowest)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        # Masked keys get weight 0 explicitly: a row with nothing visible yet has new_max == lowest.
+        weights = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
+        rescale = jnp.exp(running_max - new_max)
+        running_sum = running_sum * rescale + weights.sum(axis=-1)
+        update = jnp.einsum("kgts,skd->kgtd", weights.astype(values.dtype), values,
+                            preferred_element_type=jnp.float32)
+        return new_max, running_sum, acc * rescale[..., None] + update
+
+    shape = (kvh, h // kvh, t)
+    init = (jnp.full(shape, lowest, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, hd), jnp.float32))
+    _, total, acc = lax.fori_loop(first_block, last_block, visit, init)
+    out = acc / total[..., None]  # every query sees at least its own key, so total > 0
+    return out.transpose(2, 0, 1, 3).reshape(t, h, hd).astype(v_buf.dtype)
