@@ -4,8 +4,9 @@ On GPU/TPU, ``device.memory_stats()`` says how much memory a device has and how 
 params of every replica placed on it); the pages get ``fraction`` of the memory minus that, minus a
 workspace reserve measured from the compiled decode program (its temporaries: activations, the gathered
 KV of the attention fallback). CPU devices report no stats, so there the budget is stated in bytes.
-Either way the page count is per decode device, so every device of a replica gets the same number of pages,
-and a budget that cannot hold one full-context sequence is refused with the numbers.
+Either way the page count is per decode device, so every device of a replica gets the same number of pages.
+A budget that cannot hold one full-context sequence lowers a context that defaulted to the model's to the
+largest that fits (logged, down to ``sizes.MIN_FITTED_CONTEXT``), and is refused with the numbers otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax.sharding import Mesh
 from jdisagg.kv_cache import kv_sharding
 from jdisagg.meshes import stored_kv_heads
 from jdisagg.programs import compile_decode
-from jdisagg.sizes import ServingSizes
+from jdisagg.sizes import DEFAULT_SLOT_TOKENS, MIN_FITTED_CONTEXT, ServingSizes, fitted_context
 
 log = logging.getLogger("jdisagg.memory")
 
@@ -77,23 +78,31 @@ class KVPlan:
 
 
 def pages_for_budget(
-    budget_bytes: int, kv: KVShape, *, page_size: int, max_context: int, source: str
+    budget_bytes: int, kv: KVShape, *, page_size: int, max_context: int, source: str,
+    context_from_model: bool = False,
 ) -> KVPlan:
     """The pages a per-device budget holds (plus the scratch page, which the budget also pays for).
 
-    Raises ValueError, naming the numbers, when not even one full-context sequence fits.
+    When one full-context sequence does not fit: a context that came from the model is lowered to the
+    largest whole-page context that does (logged with the reason; ``sizes.fitted_context`` says how far);
+    otherwise, or below that floor, ValueError naming the numbers.
     """
     page_bytes = kv.page_bytes(page_size)
     num_pages = max(budget_bytes, 0) // page_bytes
-    plan = KVPlan(num_pages, budget_bytes, page_bytes, page_size, max_context, source)
     need = max_context // page_size + 1
     if num_pages < need:
-        raise ValueError(
-            f"KV budget of {budget_bytes / GIB:.3g} GiB per decode device ({source}) holds {num_pages} "
-            f"pages of {page_bytes} bytes; one sequence of the full context {max_context} needs {need} "
-            f"(page_size {page_size}, scratch page included): give more memory, or lower max_context"
-        )
-    return plan
+        fitted = fitted_context(max_context, num_pages - 1, page_size) if context_from_model else None
+        refusal = (f"KV budget of {budget_bytes / GIB:.3g} GiB per decode device ({source}) holds "
+                   f"{num_pages} pages of {page_bytes} bytes; one sequence of the full context {max_context} "
+                   f"needs {need} (page_size {page_size}, scratch page included)")
+        if fitted is None:
+            floor = (f"; the largest context it holds, {max(num_pages - 1, 0) * page_size} tokens, is below "
+                     f"the {min(MIN_FITTED_CONTEXT, max_context)} a default context may be lowered to"
+                     if context_from_model else "")
+            raise ValueError(f"{refusal}{floor}: give more memory, or lower max_context")
+        log.warning("max_context lowered from the model's %d to %d: %s", max_context, fitted, refusal)
+        max_context = fitted
+    return KVPlan(num_pages, budget_bytes, page_bytes, page_size, max_context, source)
 
 
 def budget_from_memory(
@@ -149,7 +158,8 @@ def plan_kv_pages(
 
     In order: ``num_pages`` as given; ``kv_cache_gb`` per decode device; ``memory_fraction`` of each
     decode device's memory (default 0.9 on GPU/TPU, where ``workspace()`` is measured); on CPU with none
-    of them, ``sizes`` as planned (every batch slot can hold a full context).
+    of them, ``sizes`` as planned (``plan_sizes``' default pages). The returned ``max_context`` is lower
+    than planned when a defaulted context did not fit the budget.
     """
     platform = devices[0].platform
     if num_pages is not None:
@@ -159,20 +169,24 @@ def plan_kv_pages(
         if kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb}")
         plan = pages_for_budget(int(kv_cache_gb * GIB), kv, page_size=sizes.page_size,
-                                max_context=sizes.max_context, source=f"kv_cache_gb={kv_cache_gb:g}")
+                                max_context=sizes.max_context, source=f"kv_cache_gb={kv_cache_gb:g}",
+                                context_from_model=sizes.context_from_model)
     elif memory_fraction is not None or platform != "cpu":
         fraction = DEFAULT_MEMORY_FRACTION if memory_fraction is None else memory_fraction
         budget, reserve = budget_from_memory(devices, fraction, workspace)
         plan = pages_for_budget(
             budget, kv, page_size=sizes.page_size, max_context=sizes.max_context,
             source=f"memory_fraction={fraction:g} less params and a {reserve / GIB:.3g} GiB workspace",
+            context_from_model=sizes.context_from_model,
         )
     else:
+        slots = ("every batch slot holds a full context" if not sizes.context_from_model else
+                 f"every batch slot holds up to {DEFAULT_SLOT_TOKENS} tokens, one sequence the full context")
         plan = KVPlan(sizes.num_pages, sizes.num_pages * kv.page_bytes(sizes.page_size),
                       kv.page_bytes(sizes.page_size), sizes.page_size, sizes.max_context,
-                      f"the default on {platform}: every batch slot holds a full context")
+                      f"the default on {platform}: {slots}")
     log.info("%s", plan.describe())
-    return dataclasses.replace(sizes, num_pages=plan.num_pages)
+    return dataclasses.replace(sizes, num_pages=plan.num_pages, max_context=plan.max_context)
 
 
 def decode_workspace(

@@ -5,11 +5,18 @@ shape bucket and replica at start-up with ``jit(...).lower(...).compile()``. Ser
 compiled executables, so a request of a new length never triggers a compile on the hot path.
 
 - prefill[T]   (prefill replica, TP): causal forward over a prompt padded to T; returns the logits of the
-               first token and the prompt's KV as ``[layers, T, kv_heads, head_dim]``.
+               first token and the prompt's KV as ``[layers, T, kv_heads, head_dim]``. T up to the chunk
+               length C only: a longer prompt runs prefill_chunk.
+- prefill_chunk[C] (prefill replica, TP): C tokens of a longer prompt at an offset, attending blockwise
+               (``jdisagg.models.chunk_attention``) to the KV of the chunks before, which it keeps in a dense
+               per-prompt buffer of the whole context (donated in, updated, returned); returns the chunk's
+               KV ``[layers, C, kv_heads, head_dim]`` as one piece of the hand-off, and the logits at the
+               prompt's last token (used from the chunk that holds it). One program for every chunk.
 - prefill[B, T] (prefill replica, TP): prefill[T] for B prompts at once, each padded to T (compiled only
                where B*T is within the prefill token budget); each row's KV is an output of its own, so a
                prompt's hand-off is exactly prefill[T]'s; ``sample_rows[B]`` cuts its first tokens into rows.
-- insert[T]    (decode replica): scatters one prompt's KV into its pages of the donated pools.
+- insert[T]    (decode replica): scatters one prompt's KV (or one chunk piece of it) into its pages of the
+               donated pools.
 - decode[B, P] (decode replica, TP): one token for each of B sequences whose page tables fit P pages (so a
                step reads the live context, not ``max_context``); writes the new KV into its page and
                runs paged attention through ``jdisagg.kernels`` in ``shard_map`` (kernels see local heads).
@@ -32,6 +39,7 @@ from jdisagg.executors import Sampled
 from jdisagg.kernels import paged_attention
 from jdisagg.kv_cache import KVPools
 from jdisagg.meshes import TP_AXIS
+from jdisagg.models.chunk_attention import chunk_attention
 from jdisagg.sampling import sample_tokens
 from jdisagg.sampling_params import TOP_LOGPROBS
 
@@ -57,6 +65,43 @@ def prefill_fn(
     k = jnp.stack([k[0] for k, _ in kvs])
     v = jnp.stack([v[0] for _, v in kvs])
     return logits, k, v
+
+
+KVBuffer = list[tuple[jax.Array, jax.Array]]  # per layer (k, v) ``[capacity, kv_heads, head_dim]``
+
+
+def _buffer_attend(start: jax.Array, chunk: int) -> Callable:
+    """The model's ``attend`` callback for a prompt chunk: write its k/v into the buffer at ``start``, then
+    attend blockwise over the buffer up to the chunk's end (blocks of the chunk length, so the blocks read
+    are exactly the ones this prompt's chunks wrote)."""
+
+    def attend(q, k, v, cache, window=None):
+        k_buf, v_buf = cache
+        k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, k[0].astype(k_buf.dtype), start, axis=0)
+        v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, v[0].astype(v_buf.dtype), start, axis=0)
+        out = chunk_attention(q[0], k_buf, v_buf, start, block=chunk, window=window)
+        return out[None], (k_buf, v_buf)
+
+    return attend
+
+
+def chunk_prefill_fn(
+    graphdef: nnx.GraphDef, state: Any, buffer: KVBuffer, tokens: jax.Array, start: jax.Array,
+    length: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, KVBuffer]:
+    """tokens ``[1, C]``: prompt tokens ``start .. start + C - 1`` (the last chunk padded at the end) of a
+    prompt of ``length`` tokens, ``buffer`` holding the KV of positions before ``start`` -> logits of the
+    token after the prompt ``[1, V]`` (float32; meaningful from the chunk holding position ``length - 1``),
+    this chunk's k, v ``[L, C, KVH, D]``, and the buffer with them written."""
+    model = nnx.merge(graphdef, state)
+    chunk = tokens.shape[1]
+    positions = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
+    hidden, buffer = model.prefill_chunk(tokens, positions, buffer, _buffer_attend(start, chunk))
+    last = jax.lax.dynamic_slice_in_dim(hidden[0], jnp.clip(length - 1 - start, 0, chunk - 1), 1)
+    logits = model.logits(last).astype(jnp.float32)
+    k = jnp.stack([jax.lax.dynamic_slice_in_dim(kb, start, chunk) for kb, _ in buffer])
+    v = jnp.stack([jax.lax.dynamic_slice_in_dim(vb, start, chunk) for _, vb in buffer])
+    return logits, k, v, buffer
 
 
 def insert_fn(
@@ -221,6 +266,35 @@ def compile_sample_rows(batch: int, mesh: Mesh) -> jax.stages.Compiled:
         return tuple(Sampled(*(x[row : row + 1] for x in sampled)) for row in range(batch))
 
     return jax.jit(rows, out_shardings=NamedSharding(mesh, P())).lower(specs).compile()
+
+
+def compile_chunk_prefill(
+    graphdef: nnx.GraphDef, state: Any, mesh: Mesh, chunk: int, buffer: KVBuffer, kv_out: NamedSharding
+) -> jax.stages.Compiled:
+    """``chunk_prefill_fn`` for chunks of ``chunk`` tokens over an abstract ``buffer`` (donated)."""
+    replicated = NamedSharding(mesh, P())
+    fn = jax.jit(
+        functools.partial(chunk_prefill_fn, graphdef),
+        out_shardings=(replicated, kv_out, kv_out, [(k.sharding, v.sharding) for k, v in buffer]),
+        donate_argnums=(1,),
+    )
+    return fn.lower(
+        _abstract(state),
+        _abstract(buffer),
+        _spec((1, chunk), jnp.int32, mesh),
+        _spec((), jnp.int32, mesh),
+        _spec((), jnp.int32, mesh),
+    ).compile()
+
+
+def compile_kv_buffer(buffer: KVBuffer) -> jax.stages.Compiled:
+    """A program that makes a zeroed ``buffer`` (abstract: shapes, dtype, sharding) on its devices, so a
+    long prompt's buffer is allocated on device rather than uploaded from the host."""
+    fn = jax.jit(
+        lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), buffer),
+        out_shardings=[(k.sharding, v.sharding) for k, v in buffer],
+    )
+    return fn.lower().compile()
 
 
 def compile_insert(

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdisagg.chunked_prefill import ChunkedPrefill, kv_nbytes, kv_pieces
 from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
 from jdisagg.kv_cache import init_page_pools, kv_sharding
 from jdisagg.kv_manager import SCRATCH_PAGE
@@ -142,6 +143,7 @@ class PrefillReplica:
         *,
         batch: int = 1,
         batched_buckets: tuple[int, ...] = (),
+        chunked: ChunkedPrefill | None = None,
     ) -> None:
         self.index, self.mesh, self.buckets = index, mesh, buckets
         # prefill[batch, T] for T in batched_buckets (run_batch); a prompt on its own runs prefill[T].
@@ -152,6 +154,7 @@ class PrefillReplica:
         self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
         self._compiled: dict[int, jax.stages.Compiled] = {}
         self._sample = Sampler(mesh, shape.vocab_size, (1, batch) if self.batched_buckets else (1,))
+        self._chunked = chunked  # prompts longer than the largest bucket; None: the context fits one bucket
 
     def compile_tasks(self) -> list[CompileTask]:
         def task(length: int) -> Callable[[], None]:
@@ -163,6 +166,8 @@ class PrefillReplica:
             return run
 
         programs = [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
+        if self._chunked is not None:
+            programs += self._chunked.compile_tasks(str(self.index))
         return programs + self._batch_compile_tasks() + self._sample.compile_tasks(f"prefill {self.index}")
 
     def _batch_compile_tasks(self) -> list[CompileTask]:
@@ -192,6 +197,8 @@ class PrefillReplica:
         the prompt's (k, v).
 
         ``forced >= 0`` takes that token instead of sampling one (scoring a given continuation)."""
+        if len(token_ids) > self.buckets[-1]:
+            return self._run_chunked(token_ids, sampling, forced)
         length = bucket_for(len(token_ids), self.buckets)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, : len(token_ids)] = token_ids
@@ -199,6 +206,16 @@ class PrefillReplica:
             self._state, _put(self.mesh, tokens), _put(self.mesh, np.int32(len(token_ids)))
         )
         return self._sample(logits, [sampling], [len(token_ids)], [forced]), (k, v)
+
+    def _run_chunked(
+        self, token_ids: Sequence[int], sampling: SamplingRow, forced: int
+    ) -> tuple[Sampled, Any]:
+        """A prompt longer than the largest bucket, prefilled chunk by chunk (``jdisagg.chunked_prefill``);
+        its hand-off is a ``ChunkedKV`` of one piece per chunk."""
+        if self._chunked is None:
+            raise ValueError(f"{len(token_ids)} tokens exceed the largest prefill bucket {self.buckets[-1]}")
+        logits, kv = self._chunked(token_ids)
+        return self._sample(logits, [sampling], [len(token_ids)], [forced]), kv
 
     def run_batch(self, prompts: Sequence[PromptInput]) -> list[tuple[Sampled, tuple[jax.Array, jax.Array]]]:
         """Per prompt, in order, what ``run`` gives for it alone (first token one row, KV of its own), from as
@@ -319,22 +336,27 @@ class DecodeReplica:
             for w in self.page_buckets
         ] + self._sample.compile_tasks(f"decode {self.index}")
 
-    def receive(self, kv: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], int]:
-        """The KV hand-off: move prefill's KV onto this replica, resharded to its kv-head split. Blocks
-        until it has arrived; returns it and the bytes moved."""
-        k, v = jax.block_until_ready(jax.device_put(kv, self.kv_sharding))
-        return (k, v), k.nbytes + v.nbytes
+    def receive(self, kv: Any) -> tuple[tuple[tuple[jax.Array, jax.Array], ...], int]:
+        """The KV hand-off: move prefill's KV (a (k, v) pair, or a chunked prompt's pieces) onto this
+        replica, resharded to its kv-head split. Blocks until it has arrived; returns it as pieces in prompt
+        order and the bytes moved."""
+        pieces = jax.block_until_ready(jax.device_put(kv_pieces(kv), self.kv_sharding))
+        return pieces, kv_nbytes(pieces)
 
-    def discard(self, kv: tuple[jax.Array, jax.Array]) -> None:
+    def discard(self, pieces: Sequence[tuple[jax.Array, jax.Array]]) -> None:
         """Drop a received KV that will not be inserted (its request ended meanwhile); nothing to do here."""
 
-    def insert(self, kv: tuple[jax.Array, jax.Array], pages: Sequence[int]) -> None:
-        k, v = kv
-        length = k.shape[1]
-        ids = np.full((length // self.page_size,), SCRATCH_PAGE, np.int32)
-        n = min(len(pages), len(ids))
-        ids[:n] = pages[:n]
-        self.pools = self._insert[length](self.pools, k, v, _put(self.mesh, ids))
+    def insert(self, pieces: Sequence[tuple[jax.Array, jax.Array]], pages: Sequence[int]) -> None:
+        """Write received pieces into ``pages`` (the prompt's, in order), each with the insert program of
+        its length at its page offset; pages past the prompt's go to the scratch page."""
+        offset = 0
+        for k, v in pieces:
+            length = k.shape[1]
+            ids = np.full((length // self.page_size,), SCRATCH_PAGE, np.int32)
+            own = pages[offset : offset + len(ids)]
+            ids[: len(own)] = own
+            self.pools = self._insert[length](self.pools, k, v, _put(self.mesh, ids))
+            offset += len(ids)
 
     overlaps = True  # dispatch returns before the step has run: the engine may queue the next one behind it
 
@@ -409,6 +431,8 @@ def build_prefill_replica(
         sizes.prefill_buckets,
         batch=sizes.max_prefill_batch,
         batched_buckets=sizes.batched_prefill_buckets,
+        chunked=ChunkedPrefill(mesh, graphdef, params, chunk=sizes.chunk, capacity=sizes.chunk_capacity,
+                               kv_out=handoff_sharding(mesh, shape.num_kv_heads)) if sizes.chunked else None,
     )
 
 
