@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jdisagg/v1/worker.proto\x12\njdisagg.v1\"\x07\n\x05\x45mpty\"\x1f\n\x0fSettingsRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"\xa7\x01\n\x08Settings\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x19\n\x11\x61ttention_backend\x18\x06 \x01(\t\x12\n\n\x02tp\x18\x07 \x01(\x05\x12\x17\n\x0foffer_timeout_s\x18\x08 \x01(\x01\"b\n\x0fRegisterRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x03\",\n\rRegisterReply\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\r\n\x05lease\x18\x02 \x01(\x04\";\n\x0e\x43heckInRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\r\n\x05lease\x18\x03 \x01(\x04\"\"\n\x0c\x43heckInReply\x12\x12\n\nregistered\x18\x01 \x01(\x08\"_\n\x0bSamplingRow\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x0f\n\x07num_top\x18\x05 \x01(\x05\"O\n\x08KVLayout\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\tchecksums\x18\x04 \x03(\x01\"W\n\x07KVOffer\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\x04\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.jdisagg.v1.KVLayout\"^\n\x0ePrefillRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.jdisagg.v1.SamplingRow\x12\x0e\n\x06\x66orced\x18\x03 \x01(\x05\"y\n\x0cPrefillReply\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x05offer\x18\x03 \x01(\x0b\x32\x13.jdisagg.v1.KVOffer\x12\x0f\n\x07top_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"1\n\x0bPullRequest\x12\"\n\x05offer\x18\x01 \x01(\x0b\x32\x13.jdisagg.v1.KVOffer\"\x16\n\x08StagedKV\x12\n\n\x02id\x18\x01 \x01(\x04\"Q\n\tPullReply\x12$\n\x06staged\x18\x01 \x01(\x0b\x32\x14.jdisagg.v1.StagedKV\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"D\n\rInsertRequest\x12$\n\x06staged\x18\x01 \x01(\x0b\x32\x14.jdisagg.v1.StagedKV\x12\r\n\x05pages\x18\x02 \x03(\x05\"\x92\x01\n\x0bStepRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\x13\n\x0bpage_counts\x18\x03 \x03(\x05\x12\x10\n\x08page_ids\x18\x04 \x03(\x05\x12)\n\x08sampling\x18\x05 \x03(\x0b\x32\x17.jdisagg.v1.SamplingRow\x12\x0e\n\x06\x66orced\x18\x06 \x03(\x05\"T\n\tStepReply\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x32\xd0\x01\n\x07\x43ontrol\x12@\n\x0bGetSettings\x12\x1b.jdisagg.v1.SettingsRequest\x1a\x14.jdisagg.v1.Settings\x12\x42\n\x08Register\x12\x1b.jdisagg.v1.RegisterRequest\x1a\x19.jdisagg.v1.RegisterReply\x12?\n\x07\x43heckIn\x12\x1a.jdisagg.v1.CheckInRequest\x1a\x18.jdisagg.v1.CheckInReply2\x87\x03\n\x06Worker\x12\x31\n\tHeartbeat\x12\x11.jdisagg.v1.Empty\x1a\x11.jdisagg.v1.Empty\x12?\n\x07Prefill\x12\x1a.jdisagg.v1.PrefillRequest\x1a\x18.jdisagg.v1.PrefillReply\x12\x36\n\x04Pull\x12\x17.jdisagg.v1.PullRequest\x1a\x15.jdisagg.v1.PullReply\x12\x36\n\x06Insert\x12\x19.jdisagg.v1.InsertRequest\x1a\x11.jdisagg.v1.Empty\x12\x32\n\x07\x44iscard\x12\x14.jdisagg.v1.StagedKV\x1a\x11.jdisagg.v1.Empty\x12\x36\n\x04Step\x12\x17.jdisagg.v1.StepRequest\x1a\x15.jdisagg.v1.StepReply\x12-\n\x05Reset\x12\x11.jdisagg.v1.Empty\x1a\x11.jdisagg.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17jdisagg/v1/worker.proto\x12\njdisagg.v1\"\x07\n\x05\x45mpty\"\x1f\n\x0fSettingsRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"\xa7\x01\n\x08Settings\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x19\n\x11\x61ttention_backend\x18\x06 \x01(\t\x12\n\n\x02tp\x18\x07 \x01(\x05\x12\x17\n\x0foffer_timeout_s\x18\x08 \x01(\x01\"b\n\x0fRegisterRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x03\",\n\rRegisterReply\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\r\n\x05lease\x18\x02 \x01(\x04\";\n\x0e\x43heckInRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\r\n\x05lease\x18\x03 \x01(\x04\"\"\n\x0c\x43heckInReply\x12\x12\n\nregistered\x18\x01 \x01(\x08\"_\n\x0bSamplingRow\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x0f\n\x07num_top\x18\x05 \x01(\x05\"c\n\x08KVLayout\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\tchecksums\x18\x04 \x03(\x01\x12\x12\n\nnum_pieces\x18\x05 \x01(\x05\"W\n\x07KVOffer\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\x04\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.jdisagg.v1.KVLayout\"^\n\x0ePrefillRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.jdisagg.v1.SamplingRow\x12\x0e\n\x06\x66orced\x18\x03 \x01(\x05\"y\n\x0cPrefillReply\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x05offer\x18\x03 \x01(\x0b\x32\x13.jdisagg.v1.KVOffer\x12\x0f\n\x07top_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"1\n\x0bPullRequest\x12\"\n\x05offer\x18\x01 \x01(\x0b\x32\x13.jdisagg.v1.KVOffer\"\x16\n\x08StagedKV\x12\n\n\x02id\x18\x01 \x01(\x04\"Q\n\tPullReply\x12$\n\x06staged\x18\x01 \x01(\x0b\x32\x14.jdisagg.v1.StagedKV\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"D\n\rInsertRequest\x12$\n\x06staged\x18\x01 \x01(\x0b\x32\x14.jdisagg.v1.StagedKV\x12\r\n\x05pages\x18\x02 \x03(\x05\"\x92\x01\n\x0bStepRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\x13\n\x0bpage_counts\x18\x03 \x03(\x05\x12\x10\n\x08page_ids\x18\x04 \x03(\x05\x12)\n\x08sampling\x18\x05 \x03(\x0b\x32\x17.jdisagg.v1.SamplingRow\x12\x0e\n\x06\x66orced\x18\x06 \x03(\x05\"T\n\tStepReply\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x32\xd0\x01\n\x07\x43ontrol\x12@\n\x0bGetSettings\x12\x1b.jdisagg.v1.SettingsRequest\x1a\x14.jdisagg.v1.Settings\x12\x42\n\x08Register\x12\x1b.jdisagg.v1.RegisterRequest\x1a\x19.jdisagg.v1.RegisterReply\x12?\n\x07\x43heckIn\x12\x1a.jdisagg.v1.CheckInRequest\x1a\x18.jdisagg.v1.CheckInReply2\x87\x03\n\x06Worker\x12\x31\n\tHeartbeat\x12\x11.jdisagg.v1.Empty\x1a\x11.jdisagg.v1.Empty\x12?\n\x07Prefill\x12\x1a.jdisagg.v1.PrefillRequest\x1a\x18.jdisagg.v1.PrefillReply\x12\x36\n\x04Pull\x12\x17.jdisagg.v1.PullRequest\x1a\x15.jdisagg.v1.PullReply\x12\x36\n\x06Insert\x12\x19.jdisagg.v1.InsertRequest\x1a\x11.jdisagg.v1.Empty\x12\x32\n\x07\x44iscard\x12\x14.jdisagg.v1.StagedKV\x1a\x11.jdisagg.v1.Empty\x12\x36\n\x04Step\x12\x17.jdisagg.v1.StepRequest\x1a\x15.jdisagg.v1.StepReply\x12-\n\x05Reset\x12\x11.jdisagg.v1.Empty\x1a\x11.jdisagg.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,27 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGROW']._serialized_start=494
   _globals['_SAMPLINGROW']._serialized_end=589
   _globals['_KVLAYOUT']._serialized_start=591
-  _globals['_KVLAYOUT']._serialized_end=670
-  _globals['_KVOFFER']._serialized_start=672
-  _globals['_KVOFFER']._serialized_end=759
-  _globals['_PREFILLREQUEST']._serialized_start=761
-  _globals['_PREFILLREQUEST']._serialized_end=855
-  _globals['_PREFILLREPLY']._serialized_start=857
-  _globals['_PREFILLREPLY']._serialized_end=978
-  _globals['_PULLREQUEST']._serialized_start=980
-  _globals['_PULLREQUEST']._serialized_end=1029
-  _globals['_STAGEDKV']._serialized_start=1031
-  _globals['_STAGEDKV']._serialized_end=1053
-  _globals['_PULLREPLY']._serialized_start=1055
-  _globals['_PULLREPLY']._serialized_end=1136
-  _globals['_INSERTREQUEST']._serialized_start=1138
-  _globals['_INSERTREQUEST']._serialized_end=1206
-  _globals['_STEPREQUEST']._serialized_start=1209
-  _globals['_STEPREQUEST']._serialized_end=1355
-  _globals['_STEPREPLY']._serialized_start=1357
-  _globals['_STEPREPLY']._serialized_end=1441
-  _globals['_CONTROL']._serialized_start=1444
-  _globals['_CONTROL']._serialized_end=1652
-  _globals['_WORKER']._serialized_start=1655
-  _globals['_WORKER']._serialized_end=2046
+  _globals['_KVLAYOUT']._serialized_end=690
+  _globals['_KVOFFER']._serialized_start=692
+  _globals['_KVOFFER']._serialized_end=779
+  _globals['_PREFILLREQUEST']._serialized_start=781
+  _globals['_PREFILLREQUEST']._serialized_end=875
+  _globals['_PREFILLREPLY']._serialized_start=877
+  _globals['_PREFILLREPLY']._serialized_end=998
+  _globals['_PULLREQUEST']._serialized_start=1000
+  _globals['_PULLREQUEST']._serialized_end=1049
+  _globals['_STAGEDKV']._serialized_start=1051
+  _globals['_STAGEDKV']._serialized_end=1073
+  _globals['_PULLREPLY']._serialized_start=1075
+  _globals['_PULLREPLY']._serialized_end=1156
+  _globals['_INSERTREQUEST']._serialized_start=1158
+  _globals['_INSERTREQUEST']._serialized_end=1226
+  _globals['_STEPREQUEST']._serialized_start=1229
+  _globals['_STEPREQUEST']._serialized_end=1375
+  _globals['_STEPREPLY']._serialized_start=1377
+  _globals['_STEPREPLY']._serialized_end=1461
+  _globals['_CONTROL']._serialized_start=1464
+  _globals['_CONTROL']._serialized_end=1672
+  _globals['_WORKER']._serialized_start=1675
+  _globals['_WORKER']._serialized_end=2066
 # @@protoc_insertion_point(module_scope)

@@ -89,16 +89,18 @@ class SamplingRow(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_top: _Optional[int] = ...) -> None: ...
 
 class KVLayout(_message.Message):
-    __slots__ = ("shape", "dtype", "num_shards", "checksums")
+    __slots__ = ("shape", "dtype", "num_shards", "checksums", "num_pieces")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PIECES_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     num_shards: int
     checksums: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ..., checksums: _Optional[_Iterable[float]] = ...) -> None: ...
+    num_pieces: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ..., checksums: _Optional[_Iterable[float]] = ..., num_pieces: _Optional[int] = ...) -> None: ...
 
 class KVOffer(_message.Message):
     __slots__ = ("transfer_address", "uuid", "layout")

@@ -11,6 +11,10 @@ any difference.
 Shards travel as single-device arrays, one per kv-head range, which makes the sender's and the receiver's
 tensor-parallel degrees independent: TP4 prefill -> TP2 decode pulls two shards onto each decode device and
 concatenates them there; any other combination is reassembled on one device and resharded locally.
+
+A chunked prompt's KV (``jdisagg.chunked_prefill.ChunkedKV``) is one piece per chunk, all of one shape: it
+travels as one offer of every piece's shards (``KVLayout.num_pieces``), pulled at once, and is staged as
+the same sequence of pieces the in-process hand-off gives the decode replica's ``insert``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from jax.experimental import transfer
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from jdisagg.chunked_prefill import ChunkedKV, KVPiece, kv_pieces
 from jdisagg.meshes import TP_AXIS
 from jdisagg.v1 import worker_pb2 as wpb
 
@@ -51,6 +56,7 @@ class ExpectedKV:
     head_dim: int
     dtype: str
     lengths: tuple[int, ...]  # prompt buckets it compiled an insert program for
+    max_tokens: int  # the most tokens of KV one prompt can hand over (its pieces together)
 
 
 @functools.partial(jax.jit)
@@ -80,16 +86,24 @@ class KVSender:
         self.address: str = self._server.address()
         self._timeout = datetime.timedelta(seconds=timeout_s)
 
-    def offer(self, k: jax.Array, v: jax.Array) -> wpb.KVOffer:
-        k_shards, v_shards = head_shards(k), head_shards(v)
-        if len(k_shards) != len(v_shards) or k.shape != v.shape or k.dtype != v.dtype:
-            raise LayoutMismatchError(f"k {k.shape} {k.dtype} and v {v.shape} {v.dtype} differ")
-        shards = k_shards + v_shards
+    def offer(self, kv: KVPiece | ChunkedKV) -> wpb.KVOffer:
+        """Offer a prompt's KV: a (k, v) pair, or a chunked prompt's pieces (shards piece by piece, each
+        piece's k shards then its v shards)."""
+        pieces = kv_pieces(kv)
+        k0 = pieces[0][0]
+        shards = []
+        for k, v in pieces:
+            k_shards, v_shards = head_shards(k), head_shards(v)
+            if len(k_shards) != len(v_shards) or {k.shape, v.shape} != {k0.shape} or k.dtype != v.dtype:
+                raise LayoutMismatchError(f"k {k.shape} {k.dtype} and v {v.shape} {v.dtype} differ (or from "
+                                          f"the first piece's {k0.shape})")
+            shards += k_shards + v_shards
         layout = wpb.KVLayout(
-            shape=list(k.shape),
-            dtype=str(k.dtype),
-            num_shards=len(k_shards),
+            shape=list(k0.shape),
+            dtype=str(k0.dtype),
+            num_shards=len(shards) // (2 * len(pieces)),
             checksums=[float(c) for c in jax.device_get([checksum(s) for s in shards])],
+            num_pieces=len(pieces),
         )
         uuid = secrets.randbits(63)
         self._server.await_pull(uuid, shards, timeout=datetime.datetime.now() + self._timeout)
@@ -113,23 +127,29 @@ class KVReceiver:
         e = self._expected
         shape = tuple(layout.shape)
         want = (e.num_layers, shape[1] if len(shape) == 4 else -1, e.num_kv_heads, e.head_dim)
+        pieces = layout.num_pieces
         problems = []
         if shape != want:
             problems.append(f"shape {shape} != expected {want}")
         elif shape[1] not in e.lengths:
             problems.append(f"{shape[1]} tokens is not a prompt bucket here {e.lengths}")
+        elif pieces > 1 and (shape[1] != max(e.lengths) or pieces * shape[1] > e.max_tokens):
+            problems.append(f"{pieces} pieces of {shape[1]} tokens are not a chunked prompt here (chunks of "
+                            f"{max(e.lengths)}, at most {e.max_tokens} tokens)")
+        if pieces < 1:
+            problems.append(f"{pieces} pieces")
         if layout.dtype != e.dtype:
             problems.append(f"dtype {layout.dtype} != expected {e.dtype}")
         n = layout.num_shards
         if n < 1 or e.num_kv_heads % n:
             problems.append(f"{n} shards do not split {e.num_kv_heads} kv heads evenly")
-        if len(layout.checksums) != 2 * max(n, 0):
-            problems.append(f"{len(layout.checksums)} checksums for {n} shards of k and v")
+        if len(layout.checksums) != 2 * max(n, 0) * max(pieces, 0):
+            problems.append(f"{len(layout.checksums)} checksums for {pieces} pieces of {n} shards of k and v")
         if problems:
             raise LayoutMismatchError("KV hand-off refused: " + "; ".join(problems))
 
-    def pull(self, offer: wpb.KVOffer) -> tuple[jax.Array, jax.Array]:
-        """Pull, verify and reassemble an offer as (k, v) in this replica's hand-off sharding."""
+    def pull(self, offer: wpb.KVOffer) -> tuple[KVPiece, ...]:
+        """Pull, verify and reassemble an offer as its (k, v) pieces in this replica's hand-off sharding."""
         layout = offer.layout
         self.check(layout)
         n = layout.num_shards
@@ -138,7 +158,7 @@ class KVReceiver:
         grouped = n % self._tp == 0 and self._sharding.shard_shape(shape)[HEAD_AXIS] * self._tp == shape[2]
         owners = [self._devices[i // (n // self._tp)] if grouped else self._devices[0] for i in range(n)]
         specs = [jax.ShapeDtypeStruct(shard_shape, layout.dtype, sharding=SingleDeviceSharding(d))
-                 for d in owners + owners]
+                 for d in owners + owners] * layout.num_pieces
         try:
             shards = self._connection(offer.transfer_address).pull(offer.uuid, specs)
         except Exception as exc:  # noqa: BLE001 - the transport raises one runtime error type for all
@@ -150,7 +170,10 @@ class KVReceiver:
                 "KV hand-off arrived different from what was sent (checksums differ): sender and receiver "
                 "disagree on the layout"
             )
-        return self._assemble(shards[:n], owners, shape), self._assemble(shards[n:], owners, shape)
+        pieces = [shards[i : i + 2 * n] for i in range(0, len(shards), 2 * n)]
+        return tuple(
+            (self._assemble(p[:n], owners, shape), self._assemble(p[n:], owners, shape)) for p in pieces
+        )
 
     def _assemble(self, shards: Sequence[jax.Array], owners: Sequence[jax.Device], shape: tuple) -> jax.Array:
         per_device: dict[jax.Device, list[jax.Array]] = {}

@@ -114,7 +114,7 @@ class WorkerService(wpb_grpc.WorkerServicer):
     def __init__(self, role: str, replica: Any, sender: Any = None, receiver: Any = None) -> None:
         self.role, self._replica = role, replica
         self._sender, self._receiver = sender, receiver
-        self._staged: dict[int, tuple[Any, Any]] = {}
+        self._staged: dict[int, tuple[tuple[Any, Any], ...]] = {}  # pulled KV pieces, by staged id
         self._next_id = 1
         self._lock = threading.Lock()
         # Pools are replaced by Insert/Step and by Reset: a reset must never interleave with a step that
@@ -134,14 +134,14 @@ class WorkerService(wpb_grpc.WorkerServicer):
         self._require("prefill", context)
         s = request.sampling
         with _rpc_errors(context):
-            sampled, (k, v) = self._replica.run(
+            sampled, kv = self._replica.run(
                 list(request.token_ids),
                 SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top),
                 request.forced,
             )
             if not context.is_active():  # the front gave up on this call (e.g. evicted us mid-stall):
                 return wpb.PrefillReply()  # nobody would ever pull an offer, so make none
-            offer = self._sender.offer(k, v)
+            offer = self._sender.offer(kv)
             token, logprob, top_ids, top_logprobs = (np.asarray(x) for x in sampled)
             return wpb.PrefillReply(
                 token=int(token[0]),
@@ -154,12 +154,12 @@ class WorkerService(wpb_grpc.WorkerServicer):
         self._require("decode", context)
         with _rpc_errors(context):
             start = time.perf_counter()
-            k, v = self._receiver.pull(request.offer)
+            pieces = self._receiver.pull(request.offer)
             seconds = time.perf_counter() - start
             with self._lock:
                 staged_id, self._next_id = self._next_id, self._next_id + 1
-                self._staged[staged_id] = (k, v)
-            nbytes = k.nbytes + v.nbytes
+                self._staged[staged_id] = pieces
+            nbytes = sum(k.nbytes + v.nbytes for k, v in pieces)
             return wpb.PullReply(staged=wpb.StagedKV(id=staged_id), bytes=nbytes, seconds=seconds)
 
     def Insert(self, request: wpb.InsertRequest, context: grpc.ServicerContext) -> wpb.Empty:
@@ -271,7 +271,7 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
         replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None,
                                        cache_dtype)
         expected = ExpectedKV(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
-                              sizes.prefill_buckets)
+                              sizes.prefill_buckets, sizes.chunk_capacity)
         receiver = KVReceiver(opts.host, mesh, replica.kv_sharding, expected)
         service = WorkerService("decode", replica, receiver=receiver)
     tasks = replica.compile_tasks()
