@@ -169,17 +169,20 @@ class Scheduler:
         fits = [i for i, pool in self.kv.pools.items() if self._alive("decode", i) and pool.free >= need]
         return max(fits, key=lambda i: (self.kv.pools[i].free, -i)) if fits else None
 
-    def prefill_lost(self, jobs: Sequence[Request], message: str) -> None:
+    def prefill_lost(self, jobs: Sequence[Request], message: str) -> list[Request]:
         """The prefill worker was lost mid-call: queue the jobs again (in order, at the front) for another
-        worker, or fail them when none is left."""
+        worker, or fail them when none is left. The requests queued again."""
         retry = any(self._alive("prefill", i) for i in self._prefill_replicas)
+        requeued = []
         for request in reversed(jobs):
             if retry and request.cancel is None:
                 self.kv.free(request.id)
                 request.stage, request.replica = Stage.WAITING, None
                 self.waiting.appendleft(request)
+                requeued.insert(0, request)
             else:
                 self.fail(request, message, "UNAVAILABLE")
+        return requeued
 
     def fail_waiting(self, message: str) -> None:
         while self.waiting:

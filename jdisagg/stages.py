@@ -170,8 +170,8 @@ class Stages:
             try:
                 results = prefill.run_batch([PromptInput(r.all_ids, r.sampling, r.next_forced) for r in jobs])
             except WorkerUnavailableError as exc:
-                log.warning("prefill worker %d lost with %d prompts: %s", prefill.index, len(jobs), exc)
-                self.call(self.scheduler.prefill_lost, jobs, str(exc))
+                for request in self.call(self.scheduler.prefill_lost, jobs, str(exc)):
+                    log.warning("retrying %s on another prefill worker: %s", request.id, exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad call must not stop the stage
                 log.exception("prefill of %d prompts failed", len(jobs))
