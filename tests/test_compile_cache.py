@@ -11,14 +11,15 @@ import pytest
 
 from jdisagg.compile_cache import enable_compile_cache
 
-# A fresh interpreter per start, as a second `jdisagg launch` would be: one CPU device, colocated 1x1.
+# A fresh interpreter per start, as a second `jdisagg launch` would be: one CPU device, colocated 1x1, and
+# the smallest sizes that serve "ROMEO:" plus 16 tokens (two prefill buckets, one batch bucket).
 START = """
 import sys
 from jdisagg.compile_cache import enable_compile_cache
 enable_compile_cache(sys.argv[1])
 from jdisagg.compile_counter import cache_hit_count, compile_count
 from jdisagg.engine import Engine
-with Engine(None, colocate=True, max_context=64, max_batch=2, progress=False) as engine:
+with Engine(None, colocate=True, max_context=32, max_batch=1, progress=False) as engine:
     ids = engine.generate(["ROMEO:"])[0].token_ids
     print(compile_count(), cache_hit_count(), engine._num_programs, *ids)
 """

@@ -35,7 +35,7 @@ def test_not_serving_until_warm_up_ends(tmp_path):
     # The compile cache is off so that warm-up really compiles, however often the suite ran before.
     args = [sys.executable, "-m", "jdisagg.cli", "launch", "--no-progress", "--port", str(port),
             "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--compile-cache", "off",
-            "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-context", "64", "--max-batch", "2"]
+            "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-context", "32", "--max-batch", "1"]
     with open(tmp_path / "err", "wb") as err:
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=os.environ.copy())
     seen: list[int] = []
