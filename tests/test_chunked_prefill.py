@@ -38,7 +38,9 @@ from jdisagg.serving.client import make_request, wait_until_serving
 from jdisagg.sizes import plan_sizes
 from jdisagg.tokenizer import ByteTokenizer
 from jdisagg.v1 import jdisagg_pb2_grpc as pb_grpc
+from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.workers.front import Front, spawn_workers, stop_workers
+from jdisagg.workers.handoff import ExpectedKV, KVReceiver, LayoutMismatchError
 
 LONG = ModelConfig(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -140,7 +142,8 @@ def test_a_4096_token_prompt_in_chunks_gives_the_dense_forwards_greedy_tokens(lo
 
 def test_a_long_prompt_across_worker_processes():
     """A TP2 prefill worker hands a 700-token prompt (two chunks of 512) to a TP1 decode worker as one
-    transfer offer of two pieces; the tokens are the dense forward's greedy ones."""
+    transfer offer of two pieces, and a short prompt as one piece; the tokens are the dense forward's
+    greedy ones."""
     source, _ = load_model(None)
     sizes = plan_sizes(source.config, page_size=64, max_batch=1, max_context=None, num_pages=None)
     assert sizes.max_context == 1024 and sizes.chunked
@@ -149,15 +152,39 @@ def test_a_long_prompt_across_worker_processes():
     children = spawn_workers(front, devices_per_worker=2)
     try:
         front.wait_until_full(timeout_s=600.0, children=children)
-        prompt = np.random.default_rng(2).integers(0, 256, 700).tolist()
-        output = front.engine.generate([prompt], GREEDY)[0]
+        prompts = [np.random.default_rng(2).integers(0, 256, n).tolist() for n in (700, 40)]
+        outputs = front.engine.generate(prompts, GREEDY)
         assert front.engine.stats()["pages_used"] == [0]
-        # two 512-token pieces of k and v: 4 layers x 4 kv heads x 32 dims in float32
-        assert front.engine.metrics.transfer_bytes._value.get() == 2 * 512 * 2 * 4 * 4 * 32 * 4
+        # 512 + 512 + 64 tokens of k and v: 4 layers x 4 kv heads x 32 dims in float32
+        assert front.engine.metrics.transfer_bytes._value.get() == (512 + 512 + 64) * 2 * 4 * 4 * 32 * 4
     finally:
         front.shutdown(drain=False, timeout=5.0)
         stop_workers(children)
-    _assert_greedy_continuation(source.load(), prompt, output)
+    module = source.load()
+    for prompt, output in zip(prompts, outputs, strict=True):
+        _assert_greedy_continuation(module, prompt, output)
+
+
+def test_a_decode_worker_refuses_piece_counts_its_context_cannot_hold():
+    """Before pulling anything: more chunk pieces than the context holds, pieces that are not chunk-sized,
+    or no pieces at all are refused with the numbers."""
+    mesh = Mesh(np.array(jax.devices()[:1]), (TP_AXIS,))
+    expected = ExpectedKV(4, 4, 32, "float32", lengths=(64, 128, 256, 512), max_tokens=1024)
+    receiver = KVReceiver("127.0.0.1", mesh, handoff_sharding(mesh, 4), expected)
+
+    def layout(tokens: int, pieces: int) -> wpb.KVLayout:
+        return wpb.KVLayout(shape=[4, tokens, 4, 32], dtype="float32", num_shards=1,
+                            checksums=[0.0] * 2 * pieces, num_pieces=pieces)
+
+    receiver.check(layout(512, 2))
+    receiver.check(layout(64, 1))
+    with pytest.raises(LayoutMismatchError, match=r"3 pieces of 512 tokens are not a chunked prompt here "
+                                                  r"\(chunks of 512, at most 1024 tokens\)"):
+        receiver.check(layout(512, 3))
+    with pytest.raises(LayoutMismatchError, match="2 pieces of 256 tokens"):
+        receiver.check(layout(256, 2))
+    with pytest.raises(LayoutMismatchError, match="0 pieces"):
+        receiver.check(layout(512, 0))
 
 
 def _free_port() -> int:
