@@ -52,11 +52,6 @@ def kv_nbytes(pieces: Sequence[KVPiece]) -> int:
     return sum(k.nbytes + v.nbytes for k, v in pieces)
 
 
-def chunk_starts(num_tokens: int, chunk: int) -> range:
-    """Where each chunk of a prompt of ``num_tokens`` begins."""
-    return range(0, num_tokens, chunk)
-
-
 class ChunkedPrefill:
     """The long-prompt path of one prefill replica: its buffer and chunk programs, and running them."""
 
@@ -90,13 +85,13 @@ class ChunkedPrefill:
 
     def __call__(self, token_ids: Sequence[int]) -> tuple[jax.Array, ChunkedKV]:
         """Dispatch every chunk of ``token_ids`` (asynchronously): the logits after the prompt ``[1, V]``
-        and its KV pieces."""
+        and its KV pieces, one per chunk. ``token_ids`` must be longer than one chunk."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
         tokens = np.zeros((-(-len(token_ids) // self.chunk) * self.chunk,), np.int32)
         tokens[: len(token_ids)] = token_ids
         length = jax.device_put(np.int32(len(token_ids)), replicated)
-        buffer, pieces, logits = self._new_buffer(), [], None
-        for start in chunk_starts(len(token_ids), self.chunk):
+        buffer, pieces = self._new_buffer(), []
+        for start in range(0, len(token_ids), self.chunk):
             chunk = jax.device_put(tokens[None, start : start + self.chunk], replicated)
             start_at = jax.device_put(np.int32(start), replicated)
             logits, k, v, buffer = self._run(self._state, buffer, chunk, start_at, length)
