@@ -233,6 +233,10 @@ def test_the_context_defaults_to_the_models_and_shrinks_only_to_what_fits():
     assert sizes.num_pages == 8 * 64 + 1
     given = plan_sizes(LONG, page_size=16, max_batch=8, max_context=2048, num_pages=None)
     assert (given.num_pages, given.context_from_model) == (8 * 128 + 1, False)
+    # A page count too small for the model's context lowers it; below 1,024 tokens it is refused.
+    assert plan_sizes(LONG, page_size=16, max_batch=8, max_context=None, num_pages=101).max_context == 1600
+    with pytest.raises(ValueError, match=r"num_pages=33 cannot hold one full context \(288 pages"):
+        plan_sizes(LONG, page_size=16, max_batch=8, max_context=None, num_pages=33)
     kv = KVShape(LONG.num_layers, LONG.num_kv_heads, LONG.head_dim, tp=1, dtype="float32")
     page = kv.page_bytes(16)
     fitted = pages_for_budget(201 * page, kv, page_size=16, max_context=4608, source="test",
