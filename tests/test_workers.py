@@ -341,11 +341,11 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-# The launched workers' KV budget per decode device: 24 bfloat16 pages of the demo model on one device (a
-# page holds k and v of every layer: 2 x 4 layers x 4 kv heads x 16 tokens x 32 dims x 2 bytes). In float32
-# the same budget would hold 12.
+# The launched workers' KV budget per decode device: SIZES.num_pages (33) bfloat16 pages of the demo model
+# on one device (a page holds k and v of every layer: 2 x 4 layers x 4 kv heads x 16 tokens x 32 dims x 2
+# bytes). In float32 the same budget would hold 16.
 LAUNCH_PAGE_BYTES = 2 * DEMO_CONFIG.num_layers * DEMO_CONFIG.num_kv_heads * 16 * DEMO_CONFIG.head_dim * 2
-LAUNCH_KV_CACHE_GB = 24 * LAUNCH_PAGE_BYTES / 2**30
+LAUNCH_KV_CACHE_GB = SIZES.num_pages * LAUNCH_PAGE_BYTES / 2**30
 LAUNCH_DTYPES = {"dtype": "bfloat16", "kv_cache_dtype": "bfloat16"}
 
 
@@ -387,16 +387,16 @@ def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_s
             front.kill()
     log_text = (tmp_path / "launch.log").read_text()
     for said in ("prefill worker: params in bfloat16",
-                 "decode worker: params in bfloat16, KV pages in bfloat16 (24 with scratch)"):
+                 f"decode worker: params in bfloat16, KV pages in bfloat16 ({SIZES.num_pages} with scratch)"):
         assert said in log_text, log_text[-3000:]
     assert f"{LAUNCH_PAGE_BYTES} bytes per page" in log_text
     totals = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
               if s.name == "jdisagg_kv_pages_total"]
-    assert totals == [23]  # the scratch page is not handed out
+    assert totals == [SIZES.num_pages - 1]  # the scratch page is not handed out
     with Engine(prefill_mesh="1x1", decode_mesh="1x1", page_size=SIZES.page_size, max_batch=SIZES.max_batch,
                 max_context=SIZES.max_context, kv_cache_gb=LAUNCH_KV_CACHE_GB, progress=False,
                 **LAUNCH_DTYPES) as engine:
-        assert engine.stats()["pages_total"] == [23]
+        assert engine.stats()["pages_total"] == [SIZES.num_pages - 1]
         want = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
     assert list(reply.token_ids) == want
     assert reply.finish_reason == pb.FINISH_REASON_LENGTH
@@ -405,9 +405,10 @@ def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_s
 def test_kv_that_never_arrives_fails_its_request_and_frees_its_pages(tmp_path):
     """A prefill worker that drops offered KV before anyone pulls it (here: at once) stands for KV that
     never arrives: the pull's deadline ends the request with UNAVAILABLE, its reserved pages go back, the
-    failure is counted, and no request hangs."""
+    failure is counted, and no request hangs. (Workers in the launch test's dtypes and sizes, so they load
+    its programs from the compile cache.)"""
     front = Front(None, parse_mesh_spec("1x1"), parse_mesh_spec("1x1"), SIZES, pull_timeout_s=3.0,
-                  rpc_timeout_s=30.0, offer_timeout_s=1e-3)
+                  rpc_timeout_s=30.0, offer_timeout_s=1e-3, **LAUNCH_DTYPES)
     children = spawn_workers(front, devices_per_worker=1, log_dir=tmp_path)
     try:
         front.wait_until_full(timeout_s=600.0, children=children)
