@@ -167,7 +167,8 @@ def _check_process_options(opts: LaunchOptions) -> None:
 
 
 def _worker_sizes(opts: LaunchOptions, config: ModelConfig, decode_tp: int) -> ServingSizes:
-    """The sizes every worker compiles for, with the page count ``--kv-cache-gb`` buys on a decode device.
+    """The sizes every worker compiles for, with the page count ``--kv-cache-gb`` buys on a decode device
+    (and, as in process, a context left to default lowered to what that budget holds).
 
     The KV dtype is counted as the workers will resolve it on CPU; ``--dtype auto`` on an accelerator
     serves in bfloat16, never wider than the checkpoint, so the stated budget holds there too.
@@ -186,9 +187,10 @@ def _worker_sizes(opts: LaunchOptions, config: ModelConfig, decode_tp: int) -> S
         return sizes
     kv = KVShape(config.num_layers, config.num_kv_heads, config.head_dim, decode_tp, kv_dtype)
     plan = pages_for_budget(int(opts.kv_cache_gb * GIB), kv, page_size=sizes.page_size,
-                            max_context=sizes.max_context, source=f"kv_cache_gb={opts.kv_cache_gb:g}")
+                            max_context=sizes.max_context, source=f"kv_cache_gb={opts.kv_cache_gb:g}",
+                            context_from_model=sizes.context_from_model)
     log.info("%s", plan.describe())
-    return dataclasses.replace(sizes, num_pages=plan.num_pages)
+    return dataclasses.replace(sizes, num_pages=plan.num_pages, max_context=plan.max_context)
 
 
 def _start_processes(
