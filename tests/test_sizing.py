@@ -107,18 +107,6 @@ def test_cli_refuses_a_kv_budget_too_small_in_one_line():
     assert "holds 1 pages" in errors[0] and "needs 65" in errors[0], result.stderr
 
 
-def test_processes_refuse_what_their_workers_would_ignore():
-    result = subprocess.run(
-        [sys.executable, "-m", "jdisagg.cli", "launch", "--processes", "--port", "0", "--metrics-port", "0",
-         "--dtype", "bfloat16", "--kv-cache-gb", "1", "--compile-cache", "off"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "jdisagg: error: --dtype, --kv-cache-gb not supported with --processes yet: size the cache with "
-        "--num-pages (workers started by hand take --dtype/--kv-cache-dtype)")
-
-
 def test_decode_workspace_is_measured_and_grows_with_batch_and_context():
     """The reserve subtracted from device memory comes from the compiled decode program itself."""
     source, _ = load_model(None)
