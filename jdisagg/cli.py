@@ -127,7 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              "--memory-fraction")
     launch.add_argument("--max-context", type=_positive, default=None,
                         help="longest sequence, prompt + output, a multiple of --page-size (default: the "
-                             "model's positions, at most 1024)")
+                             "model's positions, lowered to what the KV budget holds)")
     _add_model_flags(launch)
     launch.add_argument("--kv-cache-gb", type=_positive_float, default=None, metavar="GB",
                         help="KV-cache budget per decode device in GiB: the way to size the cache on CPU, "
