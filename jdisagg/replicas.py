@@ -247,7 +247,7 @@ class PrefillReplica:
 
 
 class DecodeReplica:
-    """One decode replica: TP sub-mesh, its page pool and allocator, insert and decode programs."""
+    """One decode replica: TP sub-mesh, its page pools, insert and decode programs."""
 
     alive = True
 
