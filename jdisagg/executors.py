@@ -41,6 +41,24 @@ class PromptInput:
     token_ids: Sequence[int]
     sampling: SamplingRow
     forced: int = -1
+    # A multiple of the page size, below len(token_ids): the decode replica already holds the KV of
+    # token_ids[:cached_tokens], so the offer carries only the KV of the rest (prefill still runs the whole
+    # prompt: the prefill mesh has no copy of the prefix). 0 for executors that cannot (worker proxies).
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class LocalChunk:
+    """One piece of a prompt prefilled on the decode replica itself (``DecodeExecutor.prefill_local``).
+
+    Why on the decode replica: its pages already hold the prompt's cached prefix, which the prefill mesh
+    does not have; a short uncached suffix is cheaper to compute there than to prefill and hand off."""
+
+    token_ids: Sequence[int]  # this chunk's tokens (at most the replica's ``local_chunk``)
+    start: int  # position of token_ids[0]; the KV of positions [0, start) is already in ``pages``
+    pages: Sequence[int]  # the sequence's whole page list so far (covers start + len(token_ids) tokens)
+    sampling: SamplingRow
+    forced: int = -1
 
 
 class Sampled(NamedTuple):
@@ -74,14 +92,24 @@ class PrefillExecutor(Executor, Protocol):
 class DecodeExecutor(Executor, Protocol):
     overlaps: bool  # True: ``dispatch`` returns before the step has run, so a next step may queue behind it
     num_pages: int  # KV pages in its pools, the scratch page included
+    local_chunk: int  # most tokens per LocalChunk; 0: this executor cannot prefill locally (worker proxies)
 
     def receive(self, offer: Any) -> tuple[Any, int]:
         """Move an offered KV onto this replica; the staged KV and the bytes moved."""
         ...
 
-    def insert(self, staged: Any, pages: Sequence[int]) -> None: ...
+    def insert(self, staged: Any, pages: Sequence[int]) -> None:
+        """Write a received KV into ``pages``; for a hand-off with ``cached_tokens = c``, the pages from
+        index ``c // page_size`` on (the staged KV starts at that page boundary)."""
+        ...
 
     def discard(self, staged: Any) -> None: ...
+
+    def prefill_local(self, chunks: Sequence[LocalChunk]) -> Sampled:
+        """Run the chunks (a forward over each chunk's tokens attending to its earlier KV in pages, writing
+        the chunk's KV into its pages) and return, per chunk, the token sampled after its last token, as
+        host arrays. Only a prompt's final chunk's sample is used. Blocks until done."""
+        ...
 
     def dispatch(
         self,

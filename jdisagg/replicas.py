@@ -358,6 +358,8 @@ class DecodeReplica:
             self.pools = self._insert[length](self.pools, k, v, _put(self.mesh, ids))
             offset += len(ids)
 
+    local_chunk = 0  # no local prefill program yet (issue 16 adds it)
+
     overlaps = True  # dispatch returns before the step has run: the engine may queue the next one behind it
 
     def dispatch(

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from jdisagg.errors import WorkerUnavailableError
-from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
+from jdisagg.executors import CompileTask, LocalChunk, PromptInput, Sampled, SamplingRow
 from jdisagg.sampling_params import TOP_LOGPROBS
 from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
@@ -189,6 +189,11 @@ class RemoteDecodeReplica(RemoteReplica):
             self._call("Discard", staged)
         except (WorkerUnavailableError, RuntimeError) as exc:
             log.debug("discard of staged KV %d failed: %s", staged.id, exc)
+
+    local_chunk = 0  # no local prefill across processes yet: the scheduler never sends a worker chunks
+
+    def prefill_local(self, chunks: Sequence[LocalChunk]) -> Sampled:
+        raise NotImplementedError(f"decode worker {self.index} cannot prefill locally (local_chunk is 0)")
 
     overlaps = False  # a step is one blocking RPC: nothing runs while the host reads it
 
