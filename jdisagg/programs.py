@@ -20,6 +20,13 @@ compiled executables, so a request of a new length never triggers a compile on t
 - decode[B, P] (decode replica, TP): one token for each of B sequences whose page tables fit P pages (so a
                step reads the live context, not ``max_context``); writes the new KV into its page and
                runs paged attention through ``jdisagg.kernels`` in ``shard_map`` (kernels see local heads).
+- prefill_local[N, C] (decode replica, TP): up to N prompt chunks of at most C tokens, each at its own
+               offset, attending to its sequence's earlier KV in the pools (``paged_chunk_attention``:
+               blocks gathered from the page table as they are visited) after writing the chunk's own KV
+               into its pages; returns the logits after each chunk's last token and the updated pools.
+- kv_window[T, S] (prefill replica): S tokens of a prompt's KV from a token offset, out of one piece of T
+               tokens or two consecutive chunk pieces, zero-padded past them: the suffix-only hand-off of a
+               prompt whose prefix the decode replica already holds (``jdisagg.kv_suffix``).
 - sample[B]    (both): tokens from logits (``jdisagg.sampling``), a program of its own so the sampler is
                compiled once per batch bucket rather than into every prefill and decode program.
 """
@@ -38,8 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jdisagg.executors import Sampled
 from jdisagg.kernels import paged_attention
 from jdisagg.kv_cache import KVPools
+from jdisagg.kv_manager import SCRATCH_PAGE
 from jdisagg.meshes import TP_AXIS
-from jdisagg.models.chunk_attention import chunk_attention
+from jdisagg.models.chunk_attention import chunk_attention, paged_chunk_attention
 from jdisagg.sampling import sample_tokens
 from jdisagg.sampling_params import TOP_LOGPROBS
 
@@ -183,6 +191,76 @@ def decode_fn(
     return logits.astype(jnp.float32), pools
 
 
+def _local_attend(
+    mesh: Mesh, page_size: int, stored_heads: int, pages_per_block: int, page_table: jax.Array,
+    starts: jax.Array, lengths: jax.Array,
+) -> Callable:
+    """The model's ``attend`` callback for chunks prefilled on the decode replica: write each chunk's k/v
+    into its pages (padding tokens into the scratch page), then attend each row over its own pages."""
+    tp = mesh.shape[TP_AXIS]
+    heads = P(None, None, TP_AXIS, None)
+    pool = P(TP_AXIS) if stored_heads % tp == 0 else P()
+
+    def local(window, q, k, v, kp, vp, page_table, starts, lengths):
+        offsets = jnp.arange(q.shape[1])
+        positions = starts[:, None] + offsets
+        real = offsets[None] < lengths[:, None]
+        index = jnp.minimum(positions // page_size, page_table.shape[1] - 1)
+        page = jnp.where(real, jnp.take_along_axis(page_table, index, axis=1), SCRATCH_PAGE)
+        slot = positions % page_size
+        kp = kp.at[:, page, slot].set(k.transpose(2, 0, 1, 3).astype(kp.dtype))
+        vp = vp.at[:, page, slot].set(v.transpose(2, 0, 1, 3).astype(vp.dtype))
+
+        def row(q_row, table_row, start, length):
+            return paged_chunk_attention(q_row, kp, vp, table_row, start, start + length,
+                                         pages_per_block=pages_per_block, window=window)
+
+        return jax.vmap(row)(q, page_table, starts, lengths), kp, vp
+
+    @functools.cache
+    def sharded(window: int | None) -> Callable:
+        return jax.shard_map(
+            functools.partial(local, window),
+            mesh=mesh,
+            in_specs=(heads, heads, heads, pool, pool, P(), P(), P()),
+            out_specs=(heads, pool, pool),
+            check_vma=False,
+        )
+
+    def attend(q, k, v, cache, window=None):
+        kp, vp = cache
+        k = _repeat_kv(k, stored_heads, axis=2)
+        v = _repeat_kv(v, stored_heads, axis=2)
+        out, kp, vp = sharded(window)(q, k, v, kp, vp, page_table, starts, lengths)
+        return out, (kp, vp)
+
+    return attend
+
+
+def local_prefill_fn(
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    page_size: int,
+    stored_heads: int,
+    pages_per_block: int,
+    state: Any,
+    pools: KVPools,
+    tokens: jax.Array,
+    starts: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
+) -> tuple[jax.Array, KVPools]:
+    """tokens ``[N, C]`` (row n: positions ``starts[n] ..``, its first ``lengths[n]`` real; a padding row
+    has length 0 and an all-scratch page table) -> logits after each row's last real token ``[N, V]``
+    (float32) and the pools with every chunk's KV written."""
+    model = nnx.merge(graphdef, state)
+    positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    attend = _local_attend(mesh, page_size, stored_heads, pages_per_block, page_table, starts, lengths)
+    hidden, pools = model.prefill_chunk(tokens, positions, pools, attend)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    return model.logits(last).astype(jnp.float32), pools
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -287,6 +365,29 @@ def compile_chunk_prefill(
     ).compile()
 
 
+def kv_window_fn(
+    size: int, offset: jax.Array, k_parts: tuple[jax.Array, ...], v_parts: tuple[jax.Array, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Tokens ``offset .. offset + size - 1`` of the parts ``[L, T, KVH, D]`` laid end to end (zeros past
+    their end) -> k, v ``[L, size, KVH, D]``."""
+
+    def window(parts: tuple[jax.Array, ...]) -> jax.Array:
+        first = parts[0]
+        padding = jnp.zeros((first.shape[0], size, *first.shape[2:]), first.dtype)
+        return jax.lax.dynamic_slice_in_dim(jnp.concatenate([*parts, padding], axis=1), offset, size, axis=1)
+
+    return window(k_parts), window(v_parts)
+
+
+def compile_kv_window(
+    part: jax.ShapeDtypeStruct, num_parts: int, size: int, mesh: Mesh
+) -> jax.stages.Compiled:
+    """``kv_window_fn`` of ``size`` tokens over ``num_parts`` parts shaped ``part``, kept in its sharding."""
+    parts = tuple(part for _ in range(num_parts))
+    fn = jax.jit(functools.partial(kv_window_fn, size), out_shardings=(part.sharding, part.sharding))
+    return fn.lower(_spec((), jnp.int32, mesh), parts, parts).compile()
+
+
 def compile_kv_buffer(buffer: KVBuffer) -> jax.stages.Compiled:
     """A program that makes a zeroed ``buffer`` (abstract: shapes, dtype, sharding) on its devices, so a
     long prompt's buffer is allocated on device rather than uploaded from the host."""
@@ -330,6 +431,35 @@ def compile_decode(
     return fn.lower(
         _abstract(state),
         _abstract(pools),
+        _spec((batch,), jnp.int32, mesh),
+        _spec((batch,), jnp.int32, mesh),
+        _spec((batch, table_width), jnp.int32, mesh),
+    ).compile()
+
+
+def compile_local_prefill(
+    graphdef: nnx.GraphDef,
+    state: Any,
+    pools: KVPools,
+    mesh: Mesh,
+    batch: int,
+    chunk: int,
+    table_width: int,
+    page_size: int,
+    stored_heads: int,
+) -> jax.stages.Compiled:
+    """``local_prefill_fn`` for ``batch`` chunks of ``chunk`` tokens (key blocks of one chunk's length);
+    the pools are donated, as decode's."""
+    replicated = NamedSharding(mesh, P())
+    fn = jax.jit(
+        functools.partial(local_prefill_fn, graphdef, mesh, page_size, stored_heads, chunk // page_size),
+        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
+        donate_argnums=(1,),
+    )
+    return fn.lower(
+        _abstract(state),
+        _abstract(pools),
+        _spec((batch, chunk), jnp.int32, mesh),
         _spec((batch,), jnp.int32, mesh),
         _spec((batch,), jnp.int32, mesh),
         _spec((batch, table_width), jnp.int32, mesh),

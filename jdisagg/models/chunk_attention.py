@@ -11,9 +11,15 @@ the chunk's last position: a dynamic trip count (``lax.fori_loop`` with traced b
 program serves every chunk of every prompt and an early chunk reads only the live prefix of the buffer, not
 its capacity. Plain XLA on every platform (CPU, GPU, TPU): no Pallas kernel or cuDNN call is needed for the
 recurrence, and the chunk's matmuls are large enough that XLA's fusions keep the device busy.
+
+``paged_chunk_attention`` is the same recurrence over a decode replica's page pools instead of a dense
+buffer: each block is gathered from the sequence's pages as it is visited (local prefill on the decode
+replica, ``jdisagg.local_prefill``), so no dense copy of the context is made.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,20 +36,60 @@ def chunk_attention(
     of ``block``) hold the keys of positions ``0 .. start + T - 1`` at those indices (the chunk's own
     included), anything beyond is never weighted. Query i attends to keys j <= i (and j > i - window with a
     sliding ``window``); query head h reads kv head ``h // (H // KVH)``. Scale ``hd ** -0.5``; scores,
-    softmax and the accumulator in float32. Returns ``[T, H, hd]`` in v's dtype.
+    softmax and the accumulator in float32. Returns ``[T, H, hd]`` in q's dtype.
     """
+
+    def load(b):
+        return (lax.dynamic_slice_in_dim(k_buf, b * block, block),
+                lax.dynamic_slice_in_dim(v_buf, b * block, block))
+
+    return _blockwise(q, load, start, start + q.shape[0], block=block, kv_heads=k_buf.shape[1], window=window)
+
+
+def paged_chunk_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_row: jax.Array, start: jax.Array,
+    end: jax.Array, *, pages_per_block: int, window: int | None = None,
+) -> jax.Array:
+    """``chunk_attention`` over one sequence's pages: k_pages/v_pages ``[KVH, pages, page_size, hd]`` (a
+    decode replica's pools), ``page_row`` ``[W]`` its page table (W a multiple of ``pages_per_block``).
+
+    Only keys before ``end`` (the chunk's last real position + 1) are read and weighted: queries past it
+    are padding, and the pages past it may hold another sequence's data or the scratch page's garbage, so
+    their values are zeroed before they meet a zero weight (0 * NaN would still be NaN).
+    """
+    kvh, _, page_size, hd = k_pages.shape
+    block = pages_per_block * page_size
+
+    def gather(pages: jax.Array, b) -> jax.Array:
+        ids = lax.dynamic_slice_in_dim(page_row, b * pages_per_block, pages_per_block)
+        return pages[:, ids].reshape(kvh, block, hd).transpose(1, 0, 2)
+
+    def load(b):
+        live = (b * block + jnp.arange(block) < end)[:, None, None]
+        return gather(k_pages, b), jnp.where(live, gather(v_pages, b), 0)
+
+    return _blockwise(q, load, start, end, block=block, kv_heads=kvh, window=window)
+
+
+def _blockwise(
+    q: jax.Array, load: Callable[[jax.Array], tuple[jax.Array, jax.Array]], start: jax.Array,
+    end: jax.Array, *, block: int, kv_heads: int, window: int | None,
+) -> jax.Array:
+    """The online-softmax loop over key blocks ``load(b)`` -> (keys, values) ``[block, KVH, hd]`` of
+    positions ``b * block ..``, for the blocks a query in ``start .. start + T - 1`` can see, up to the one
+    holding position ``end - 1``. Values meet the weights in q's dtype (a bfloat16 page pool under a float32
+    model is widened, not the weights narrowed); returns ``[T, H, hd]`` in q's dtype."""
     t, h, hd = q.shape
-    kvh = k_buf.shape[1]
+    kvh = kv_heads
     grouped = q.reshape(t, kvh, h // kvh, hd)
     query_pos = start + jnp.arange(t)
-    last_block = (start + t + block - 1) // block
+    last_block = (end + block - 1) // block
     first_block = 0 if window is None else jnp.maximum(start - window + 1, 0) // block
     lowest = jnp.finfo(jnp.float32).min
 
     def visit(b, carry):
         running_max, running_sum, acc = carry
-        keys = lax.dynamic_slice_in_dim(k_buf, b * block, block)
-        values = lax.dynamic_slice_in_dim(v_buf, b * block, block)
+        keys, values = load(b)
         scores = jnp.einsum("tkgd,skd->kgts", grouped, keys, preferred_element_type=jnp.float32) * hd**-0.5
         key_pos = b * block + jnp.arange(block)
         visible = key_pos[None, :] <= query_pos[:, None]
@@ -55,7 +101,7 @@ def chunk_attention(
         weights = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
         rescale = jnp.exp(running_max - new_max)
         running_sum = running_sum * rescale + weights.sum(axis=-1)
-        update = jnp.einsum("kgts,skd->kgtd", weights.astype(values.dtype), values,
+        update = jnp.einsum("kgts,skd->kgtd", weights.astype(q.dtype), values.astype(q.dtype),
                             preferred_element_type=jnp.float32)
         return new_max, running_sum, acc * rescale[..., None] + update
 
@@ -63,5 +109,6 @@ def chunk_attention(
     init = (jnp.full(shape, lowest, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, hd), jnp.float32))
     _, total, acc = lax.fori_loop(first_block, last_block, visit, init)
-    out = acc / total[..., None]  # every query sees at least its own key, so total > 0
-    return out.transpose(2, 0, 1, 3).reshape(t, h, hd).astype(v_buf.dtype)
+    # Every real query sees at least its own key; a padding query of an empty chunk may see none.
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.transpose(2, 0, 1, 3).reshape(t, h, hd).astype(q.dtype)

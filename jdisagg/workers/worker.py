@@ -263,13 +263,14 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     kv_dtype = str(jax.tree.leaves(state)[0].dtype)  # the hand-off's: what prefill produces
     sizes = ServingSizes(settings.page_size, settings.max_batch, settings.max_context, settings.num_pages)
     if opts.role == "prefill":
-        replica = build_prefill_replica(0, mesh, graphdef, state, sizes)
+        # Workers get no cached tokens nor local chunks yet (issue 16): none of those programs compile.
+        replica = build_prefill_replica(0, mesh, graphdef, state, sizes, suffix_handoff=False)
         offer_timeout = settings.offer_timeout_s if opts.offer_timeout is None else opts.offer_timeout
         sender = KVSender(opts.host, offer_timeout)
         service = WorkerService("prefill", replica, sender=sender)
     else:
         replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None,
-                                       cache_dtype)
+                                       cache_dtype, local_chunk=0)
         expected = ExpectedKV(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
                               sizes.prefill_buckets, sizes.chunk_capacity)
         receiver = KVReceiver(opts.host, mesh, replica.kv_sharding, expected)

@@ -1,0 +1,113 @@
+"""Prefill on the decode replica itself: prompt chunks that attend to KV already in its pages.
+
+Why here and not on the prefill mesh: a prompt whose prefix is cached in a decode replica's pages only needs
+its suffix computed, and the prefill mesh has no copy of that prefix; a short suffix is cheaper to compute
+next to its KV than to prefill and hand off (conditional disaggregation), and in colocated mode the same
+chunks interleave with decode steps (chunked prefill). The scheduler decides which prompts run here and
+cuts them into ``LocalChunk``s; this module runs them.
+
+One program shape per call size: ``prefill_local[N, C]`` (``jdisagg.programs``) for chunks of at most C
+tokens, padded, with a page table as wide as the context, for N = 1 and N = ``batch`` chunks per call. Its
+attention loop visits only the key blocks a chunk can see (a dynamic trip count), so a chunk at the start of
+a sequence costs one block, not the context. A call of several chunks uses the N-row program only when at
+least half its rows are real (``MAX_BATCH_PADDING``, as batched prefill); otherwise chunks run one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jdisagg.executors import CompileTask, LocalChunk, Sampled
+from jdisagg.kv_cache import KVPools
+from jdisagg.kv_manager import SCRATCH_PAGE
+from jdisagg.programs import MAX_BATCH_PADDING, compile_local_prefill
+
+DEFAULT_LOCAL_CHUNK = 256  # tokens per local chunk unless the prefill chunk is smaller
+DEFAULT_LOCAL_BATCH = 4  # chunks per prefill_local call (the largest decode batch bucket up to this)
+
+
+class LocalPrefill:
+    """The ``prefill_local`` programs of one decode replica, and running chunks through them."""
+
+    def __init__(
+        self, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, *, chunk: int, batch: int, page_size: int,
+        max_pages: int, stored_heads: int, sample: Callable[..., Sampled],
+    ) -> None:
+        if chunk < page_size or chunk % page_size:
+            raise ValueError(f"local chunk {chunk} must be a positive multiple of page_size={page_size}")
+        self.chunk, self.batch, self.page_size, self.max_pages = chunk, batch, page_size, max_pages
+        self.mesh, self._graphdef, self._state = mesh, graphdef, state
+        self._stored_heads, self._sample = stored_heads, sample
+        blocks = chunk // page_size  # pages per key block: the table is read in whole blocks
+        self.table_width = -(-max_pages // blocks) * blocks
+        self._compiled: dict[int, jax.stages.Compiled] = {}
+
+    @property
+    def call_sizes(self) -> tuple[int, ...]:
+        return (1, self.batch) if self.batch > 1 else (1,)
+
+    def compile_tasks(self, owner: str, pools: Callable[[], KVPools]) -> list[CompileTask]:
+        """One task per call size; ``pools`` gives the replica's pools (their shapes and shardings)."""
+
+        def task(batch: int) -> Callable[[], None]:
+            def run() -> None:
+                self._compiled[batch] = compile_local_prefill(
+                    self._graphdef, self._state, pools(), self.mesh, batch, self.chunk, self.table_width,
+                    self.page_size, self._stored_heads,
+                )
+
+            return run
+
+        return [(f"prefill_local[{owner}] batch {n} len {self.chunk}", task(n)) for n in self.call_sizes]
+
+    def check(self, chunk: LocalChunk) -> None:
+        """Refuse a chunk the programs cannot run (``ValueError`` naming what is wrong)."""
+        n, end = len(chunk.token_ids), chunk.start + len(chunk.token_ids)
+        if not 0 < n <= self.chunk:
+            raise ValueError(f"a local chunk holds 1 to {self.chunk} tokens, got {n}")
+        if chunk.start < 0:
+            raise ValueError(f"a local chunk cannot start at position {chunk.start}")
+        if len(chunk.pages) > self.max_pages or len(chunk.pages) * self.page_size < end:
+            raise ValueError(f"{len(chunk.pages)} pages of {self.page_size} tokens cannot hold positions up "
+                             f"to {end} (at most {self.max_pages} pages per sequence)")
+        if SCRATCH_PAGE in chunk.pages[: -(-end // self.page_size)]:
+            raise ValueError(f"page {SCRATCH_PAGE} is the scratch page, never a sequence's")
+
+    def __call__(
+        self, pools: KVPools, chunks: Sequence[LocalChunk]
+    ) -> tuple[KVPools, list[tuple[int, Sampled]]]:
+        """Dispatch every chunk (asynchronously, after checking them all): the new pools and, per program
+        call, how many of its rows are real and its sampled rows on device, in the order of ``chunks``.
+        Chunks of one call must belong to different sequences: a chunk sees only the KV written before
+        its call."""
+        for chunk in chunks:
+            self.check(chunk)
+        sampled, rest = [], list(chunks)
+        while rest:
+            rows = self.batch if self.batch > 1 and self.batch <= MAX_BATCH_PADDING * len(rest) else 1
+            group, rest = rest[:rows], rest[rows:]
+            pools, out = self._run(pools, group, rows)
+            sampled.append((len(group), out))
+        return pools, sampled
+
+    def _run(self, pools: KVPools, chunks: Sequence[LocalChunk], rows: int) -> tuple[KVPools, Sampled]:
+        tokens = np.zeros((rows, self.chunk), np.int32)
+        starts = np.zeros((rows,), np.int32)
+        lengths = np.zeros((rows,), np.int32)  # padding rows: no real token, every page the scratch page
+        table = np.full((rows, self.table_width), SCRATCH_PAGE, np.int32)
+        for row, chunk in enumerate(chunks):
+            tokens[row, : len(chunk.token_ids)] = chunk.token_ids
+            starts[row], lengths[row] = chunk.start, len(chunk.token_ids)
+            table[row, : len(chunk.pages)] = chunk.pages
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        args = (jax.device_put(x, replicated) for x in (tokens, starts, lengths, table))
+        logits, pools = self._compiled[rows](self._state, pools, *args)
+        positions = [c.start + len(c.token_ids) for c in chunks]  # each sampled token's position
+        sampled = self._sample(logits, [c.sampling for c in chunks], positions, [c.forced for c in chunks])
+        return pools, sampled

@@ -1,0 +1,199 @@
+"""The prefill replica: TP prefill of prompts on one mesh, returning first tokens and KV hand-offs.
+
+Used by the prefill thread only (``run_batch``), so nothing here locks. Short prompts run bucketed
+``prefill[T]`` programs (several at once where a batched program fits), long ones run chunk by chunk
+(``jdisagg.chunked_prefill``); a prompt whose prefix the decode replica already holds hands off only its
+suffix (``jdisagg.kv_suffix``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jdisagg.chunked_prefill import ChunkedPrefill
+from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
+from jdisagg.kv_suffix import SuffixCutter
+from jdisagg.meshes import PHASE_RULES
+from jdisagg.placement import ModelShape, handoff_sharding, model_shape, place_params
+from jdisagg.placement import put_replicated as _put
+from jdisagg.programs import (
+    bucket_for,
+    compile_prefill,
+    compile_prefill_batch,
+    compile_sample_rows,
+    plan_prefill_calls,
+)
+from jdisagg.sampler import Sampler
+from jdisagg.sizes import ServingSizes
+
+
+class PrefillReplica:
+    """TP prefill on one replica mesh: prompt -> (first token, KV sharded by kv heads)."""
+
+    alive = True  # in-process replicas live as long as the engine
+
+    def __init__(
+        self,
+        index: int,
+        mesh: Mesh,
+        graphdef: nnx.GraphDef,
+        state: Any,
+        shape: ModelShape,
+        buckets: tuple[int, ...],
+        *,
+        batch: int = 1,
+        batched_buckets: tuple[int, ...] = (),
+        chunked: ChunkedPrefill | None = None,
+        suffix: SuffixCutter | None = None,
+    ) -> None:
+        self.index, self.mesh, self.buckets = index, mesh, buckets
+        # prefill[batch, T] for T in batched_buckets (run_batch); a prompt on its own runs prefill[T].
+        self.batch, self.batched_buckets = batch, batched_buckets if batch > 1 else ()
+        self._batched: dict[int, jax.stages.Compiled] = {}
+        self._sample_rows: jax.stages.Compiled | None = None
+        self._graphdef, self._state = graphdef, state
+        self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
+        self._compiled: dict[int, jax.stages.Compiled] = {}
+        self._sample = Sampler(mesh, shape.vocab_size, (1, batch) if self.batched_buckets else (1,))
+        self._chunked = chunked  # prompts longer than the largest bucket; None: the context fits one bucket
+        self._suffix = suffix  # cuts the hand-off of a prompt with cached tokens; None: none are sent here
+
+    def compile_tasks(self) -> list[CompileTask]:
+        def task(length: int) -> Callable[[], None]:
+            def run() -> None:
+                self._compiled[length] = compile_prefill(
+                    self._graphdef, self._state, self.mesh, length, self.kv_sharding
+                )
+
+            return run
+
+        programs = [(f"prefill[{self.index}] len {n}", task(n)) for n in self.buckets]
+        if self._chunked is not None:
+            programs += self._chunked.compile_tasks(str(self.index))
+        if self._suffix is not None:
+            programs += self._suffix.compile_tasks(str(self.index))
+        return programs + self._batch_compile_tasks() + self._sample.compile_tasks(f"prefill {self.index}")
+
+    def _batch_compile_tasks(self) -> list[CompileTask]:
+        """prefill[batch, T] per batched bucket, and the program that cuts its sampled tokens into rows."""
+        if not self.batched_buckets:
+            return []
+
+        def task(length: int) -> Callable[[], None]:
+            def run() -> None:
+                self._batched[length] = compile_prefill_batch(
+                    self._graphdef, self._state, self.mesh, self.batch, length, self.kv_sharding
+                )
+
+            return run
+
+        def rows() -> None:
+            self._sample_rows = compile_sample_rows(self.batch, self.mesh)
+
+        name = f"prefill[{self.index}] batch {self.batch} len"
+        programs = [(f"{name} {n}", task(n)) for n in self.batched_buckets]
+        return programs + [(f"sample_rows[prefill {self.index}] batch {self.batch}", rows)]
+
+    def run(
+        self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
+    ) -> tuple[Sampled, tuple[jax.Array, jax.Array]]:
+        """Dispatch prefill (asynchronously); returns device arrays: the first token sampled (one row) and
+        the prompt's (k, v).
+
+        ``forced >= 0`` takes that token instead of sampling one (scoring a given continuation)."""
+        if len(token_ids) > self.buckets[-1]:
+            return self._run_chunked(token_ids, sampling, forced)
+        length = bucket_for(len(token_ids), self.buckets)
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, : len(token_ids)] = token_ids
+        logits, k, v = self._compiled[length](
+            self._state, _put(self.mesh, tokens), _put(self.mesh, np.int32(len(token_ids)))
+        )
+        return self._sample(logits, [sampling], [len(token_ids)], [forced]), (k, v)
+
+    def _run_chunked(
+        self, token_ids: Sequence[int], sampling: SamplingRow, forced: int
+    ) -> tuple[Sampled, Any]:
+        """A prompt longer than the largest bucket, prefilled chunk by chunk (``jdisagg.chunked_prefill``);
+        its hand-off is a ``ChunkedKV`` of one piece per chunk."""
+        if self._chunked is None:
+            raise ValueError(f"{len(token_ids)} tokens exceed the largest prefill bucket {self.buckets[-1]}")
+        logits, kv = self._chunked(token_ids)
+        return self._sample(logits, [sampling], [len(token_ids)], [forced]), kv
+
+    def run_batch(self, prompts: Sequence[PromptInput]) -> list[tuple[Sampled, tuple[jax.Array, jax.Array]]]:
+        """Per prompt, in order, what ``run`` gives for it alone (first token one row, KV of its own), from as
+        few calls as the compiled shapes allow (``plan_prefill_calls``), each dispatched asynchronously.
+
+        A prompt with ``cached_tokens`` is prefilled whole, but its KV is cut to the positions after them
+        (``jdisagg.kv_suffix``): the decode replica already holds the rest."""
+        lengths = [len(p.token_ids) for p in prompts]
+        for p in prompts:
+            if p.cached_tokens and self._suffix is None:
+                raise ValueError(f"prefill replica {self.index} cannot hand off a suffix (cached_tokens="
+                                 f"{p.cached_tokens}): it has no kv_window programs")
+            if p.cached_tokens:
+                self._suffix.check(len(p.token_ids), p.cached_tokens)
+        by_index = {}
+        for call in plan_prefill_calls(lengths, self.buckets, self.batched_buckets, self.batch):
+            if len(call) == 1:
+                p = prompts[call[0]]
+                by_index[call[0]] = self.run(p.token_ids, p.sampling, p.forced)
+            else:
+                by_index.update(zip(call, self._run_batched([prompts[i] for i in call]), strict=True))
+        for i, p in enumerate(prompts):
+            if p.cached_tokens:
+                sampled, kv = by_index[i]
+                by_index[i] = sampled, self._suffix(kv, len(p.token_ids), p.cached_tokens)
+        return [by_index[i] for i in range(len(prompts))]
+
+    def _run_batched(
+        self, prompts: Sequence[PromptInput]
+    ) -> list[tuple[Sampled, tuple[jax.Array, jax.Array]]]:
+        """One prefill[batch, T] call for up to ``batch`` prompts of bucket T at most; one sampler call."""
+        length = bucket_for(max(len(p.token_ids) for p in prompts), self.batched_buckets)
+        tokens = np.zeros((self.batch, length), np.int32)
+        lengths = np.ones((self.batch,), np.int32)  # padding rows: one token, never read
+        for row, p in enumerate(prompts):
+            tokens[row, : len(p.token_ids)] = p.token_ids
+            lengths[row] = len(p.token_ids)
+        logits, kvs = self._batched[length](self._state, _put(self.mesh, tokens), _put(self.mesh, lengths))
+        rows = [p.sampling for p in prompts]
+        sampled = self._sample(logits, rows, lengths[: len(prompts)].tolist(), [p.forced for p in prompts])
+        return list(zip(self._sample_rows(sampled), kvs, strict=True))[: len(prompts)]
+
+
+def build_prefill_replica(
+    index: int, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, sizes: ServingSizes, *,
+    suffix_handoff: bool = True,
+) -> PrefillReplica:
+    """Place the params on ``mesh`` with the prefill rules; programs compile later (``compile_tasks``).
+    ``suffix_handoff``: compile the programs that cut a prompt's hand-off to its uncached suffix (off for
+    worker processes, which are never sent cached tokens)."""
+    shape = model_shape(graphdef, state)
+    params = place_params(state, mesh, PHASE_RULES["prefill"], shape)
+    kv_out = handoff_sharding(mesh, shape.num_kv_heads)
+    suffix = SuffixCutter(
+        mesh, kv_out, layers=shape.num_layers, kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        dtype=jax.tree.leaves(state)[0].dtype, buckets=sizes.prefill_buckets, chunked=sizes.chunked,
+        page_size=sizes.page_size,
+    ) if suffix_handoff else None
+    return PrefillReplica(
+        index,
+        mesh,
+        graphdef,
+        params,
+        shape,
+        sizes.prefill_buckets,
+        batch=sizes.max_prefill_batch,
+        batched_buckets=sizes.batched_prefill_buckets,
+        chunked=ChunkedPrefill(mesh, graphdef, params, chunk=sizes.chunk, capacity=sizes.chunk_capacity,
+                               kv_out=kv_out) if sizes.chunked else None,
+        suffix=suffix,
+    )
