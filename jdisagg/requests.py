@@ -18,6 +18,7 @@ class Stage(StrEnum):
 
     WAITING = "waiting"
     PREFILLING = "prefilling"
+    PREFILLING_LOCAL = "prefilling_local"  # prefilled in chunks on its decode replica, no hand-off
     TRANSFERRING = "transferring"
     READY = "ready"  # KV inserted on its decode replica, waiting for a batch slot
     RUNNING = "running"
@@ -47,6 +48,9 @@ class Request:
     error_code: str = "INTERNAL"  # the gRPC status a failure maps to (UNAVAILABLE: a worker was lost)
     stage: Stage = Stage.WAITING
     replica: int | None = None  # the decode replica its KV goes to / lives on, from prefill to the end
+    cached_tokens: int = 0  # tokens of ``all_ids`` whose KV it found cached on ``replica`` when scheduled
+    prefilled: int = 0  # tokens whose KV is in its pages while it is prefilled locally
+    page_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full pages so far
 
     @property
     def all_ids(self) -> list[int]:

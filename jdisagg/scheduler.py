@@ -13,6 +13,19 @@ A request moves ``WAITING -> PREFILLING -> TRANSFERRING -> READY -> RUNNING`` an
 one goes back to the front of ``WAITING`` with its tokens so far and is prefilled again from all of them.
 Pages are reserved for the whole prompt when its prefill is scheduled (so its KV always has somewhere to
 go), grow one page at a time while it decodes, and are freed by ``finish`` whatever stage it ended in.
+
+With the prefix cache, a prompt holds the cached pages of its longest cached prefix on its decode replica
+instead of new ones, and the prefill mesh hands off only the KV after them. A prompt with at most
+``local_prefill_tokens`` uncached tokens skips the prefill mesh: ``WAITING -> PREFILLING_LOCAL -> READY``,
+prefilled on its decode replica in chunks that ``plan_step`` returns with a step's rows, nothing handed
+off. Full pages are cached once their KV is written (after the insert, after the last local chunk, and
+when the request ends or is preempted).
+
+Routing (``_place``): among the live decode replicas that can take the prompt now, the one holding its
+longest cached prefix, unless that replica would be left with fewer than ``CACHE_AFFINITY_LOAD_RATIO`` of
+the free pages the roomiest candidate would be left with; then the roomiest. Ties (no hit anywhere
+included) go to the most free pages left, then the lowest index. A cached prefix saves its prefill and its
+hand-off only where it is, so it outweighs load until that replica is clearly the more loaded one.
 A cancel (client abort, stop string, shutdown) ends a waiting request at once; elsewhere it is marked, and the
 stage that next touches the request ends it, because only that stage knows its device work is done.
 """
@@ -22,11 +35,12 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jdisagg.errors import EngineClosedError, QueueFullError, WorkerUnavailableError
 from jdisagg.kv_manager import KVManager, OutOfPages, pages_needed
 from jdisagg.outputs import FinishReason, TopLogprobs
+from jdisagg.prefix_cache import extend_page_keys
 from jdisagg.requests import Request, Stage
 
 
@@ -38,6 +52,17 @@ class SchedulerConfig:
     max_queue: int = 256  # waiting requests before ``add`` refuses
     max_prefill_batch: int = 8  # prompts per prefill call
     prefill_token_budget: int = 2048  # prompt tokens per prefill call (a longer prompt runs alone)
+    prefix_cache: bool = False  # reuse the KV of cached full pages on the decode replicas
+    local_prefill_tokens: int = 0  # prefill on the decode replica when at most this many tokens are uncached
+    local_chunk: int = 0  # most tokens in one local chunk (0: the decode replicas cannot prefill locally)
+    step_token_budget: int = 512  # local-prefill tokens run with one decode step
+
+    @property
+    def prefills_locally(self) -> bool:
+        return self.local_chunk > 0 and self.local_prefill_tokens > 0
+
+
+CACHE_AFFINITY_LOAD_RATIO = 0.5  # routing: a cached prefix wins unless its replica is this much fuller
 
 
 @dataclass(frozen=True)
@@ -60,9 +85,37 @@ class Emission:
 
 
 @dataclass(frozen=True)
+class ChunkPlan:
+    """One piece of a prompt to prefill on its decode replica: the KV of ``all_ids[start:end]``."""
+
+    request: Request
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class StepPlan:
     rows: list[Request]  # in batch order
     preempted: list[Request]  # freed to make room, back at the front of the queue
+    chunks: list[ChunkPlan] = field(default_factory=list)  # local prefill run with the step, one per prompt
+
+
+@dataclass
+class Counters:
+    """Totals since the start, for the metrics."""
+
+    queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    hit_tokens: int = 0  # of those, tokens whose KV was found cached
+    local_prefills: int = 0  # prompts scheduled to prefill on their decode replica
+    remote_prefills: int = 0  # prompts scheduled to prefill on a prefill replica
+    handoff_tokens: int = 0  # prompt tokens whose KV a prefill replica handed off and decode inserted
+
+
+@dataclass(frozen=True)
+class _Placement:
+    replica: int
+    hit: list[int]  # the cached pages of its prefix there
+    local: bool  # prefill it on the decode replica
 
 
 Liveness = Callable[[str, int], bool]  # (role, replica index) -> can it take work now
@@ -78,8 +131,11 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         alive: Liveness = lambda role, index: True,
     ) -> None:
+        if config.prefills_locally and config.step_token_budget < 1:
+            raise ValueError(f"step_token_budget must be at least 1, got {config.step_token_budget}")
         self.config = config
         self.kv = KVManager(decode_pages)
+        self.counters = Counters()
         self.eos_token_ids = frozenset(eos_token_ids)
         self._prefill_replicas = tuple(prefill_replicas)
         self._alive = alive
@@ -87,6 +143,7 @@ class Scheduler:
         self.live: dict[str, Request] = {}  # admitted and not yet retired by the output side
         self.running: dict[int, list[Request]] = {i: [] for i in decode_pages}
         self.ready: dict[int, list[Request]] = {i: [] for i in decode_pages}
+        self.local: dict[int, list[Request]] = {i: [] for i in decode_pages}  # prefilling on the replica
         self._order = itertools.count()  # admission to decode: the youngest is preempted first
         self._admitted: dict[str, int] = {}
         self._emissions: list[Emission] = []
@@ -140,34 +197,83 @@ class Scheduler:
 
     def next_prefill(self) -> list[Request]:
         """The next prefill call's requests, first come first served, each with pages reserved for its
-        prompt on the least-loaded live decode replica that has them. Stops at the first request that does
-        not fit (no overtaking), at ``max_prefill_batch`` prompts or at the token budget; a prompt over the
-        budget runs alone. Empty: nothing can start now."""
+        prompt on the decode replica ``_place`` picks (the cached prefix shared, the rest new). Prompts
+        to prefill locally on the way join their replica's ``local`` list instead. Stops at the first
+        request that does not fit (no overtaking), at ``max_prefill_batch`` prompts or at the token budget;
+        a prompt over the budget runs alone. Empty: nothing for a prefill replica now."""
         if self.waiting and not self.servable():
             self.fail_waiting("no live prefill or decode worker")
             return []
+        return self._take_waiting(remote=True)
+
+    def _take_waiting(self, remote: bool) -> list[Request]:
+        """Schedule requests from the head of the queue: local ones onto their replica, remote ones (when
+        ``remote``, else the first one stops it) into the returned prefill call."""
         jobs: list[Request] = []
         tokens = 0
-        while self.waiting and len(jobs) < self.config.max_prefill_batch:
+        while self.waiting:
             request = self.waiting[0]
             length = len(request.all_ids)
-            if jobs and tokens + length > self.config.prefill_token_budget:
+            placement = self._place(request)
+            if placement is None:
                 break
-            need = pages_needed(length + 1, self.config.page_size)
-            target = self._route(need)
-            if target is None:
-                break
+            if not placement.local:
+                if not remote or len(jobs) >= self.config.max_prefill_batch:
+                    break
+                if jobs and tokens + length > self.config.prefill_token_budget:
+                    break
+                jobs.append(request)
+                tokens += length
             self.waiting.popleft()
-            self.kv.allocate(request.id, target, need)
-            request.stage, request.replica = Stage.PREFILLING, target
-            jobs.append(request)
-            tokens += length
+            self._reserve(request, placement)
         return jobs
 
-    def _route(self, need: int) -> int | None:
-        """Least-loaded decode replica (most free pages; lowest index on ties) that can take ``need`` now."""
-        fits = [i for i, pool in self.kv.pools.items() if self._alive("decode", i) and pool.free >= need]
-        return max(fits, key=lambda i: (self.kv.pools[i].free, -i)) if fits else None
+    def _place(self, request: Request) -> _Placement | None:
+        """Where ``request`` prefills and decodes (the rule is in the module docstring); None: no live
+        replica has the pages now. The cached prefix is capped so that at least one token is computed."""
+        page_size = self.config.page_size
+        length = len(request.all_ids)
+        total = pages_needed(length + 1, page_size)
+        keys = []
+        if self.config.prefix_cache:
+            keys = extend_page_keys(request.page_keys, request.all_ids, page_size)
+            keys = keys[: (length - 1) // page_size]
+        options = []  # (pages left after taking it, replica, hit)
+        for index, pool in self.kv.pools.items():
+            if not self._alive("decode", index):
+                continue
+            hit = self.kv.lookup(index, keys) if keys else []
+            left = pool.free - pool.evictable_among(hit) - (total - len(hit))
+            if left >= 0:
+                options.append((left, index, hit))
+        if not options:
+            return None
+        roomiest = max(options, key=lambda o: (o[0], -o[1]))
+        left, index, hit = max(options, key=lambda o: (len(o[2]), o[0], -o[1]))
+        if left < CACHE_AFFINITY_LOAD_RATIO * roomiest[0]:
+            left, index, hit = roomiest
+        config = self.config
+        uncached = length - len(hit) * page_size
+        return _Placement(index, hit, config.prefills_locally and uncached <= config.local_prefill_tokens)
+
+    def _reserve(self, request: Request, placement: _Placement) -> None:
+        """Give ``request`` its cached prefix and new pages for the rest of its prompt and first token."""
+        replica, hit = placement.replica, placement.hit
+        length = len(request.all_ids)
+        if hit:
+            self.kv.share(request.id, replica, hit)
+        self.kv.allocate(request.id, replica, pages_needed(length + 1, self.config.page_size) - len(hit))
+        request.replica, request.cached_tokens = replica, len(hit) * self.config.page_size
+        if self.config.prefix_cache:
+            self.counters.queried_tokens += length
+            self.counters.hit_tokens += request.cached_tokens
+        if placement.local:
+            request.stage, request.prefilled = Stage.PREFILLING_LOCAL, request.cached_tokens
+            self.local[replica].append(request)
+            self.counters.local_prefills += 1
+        else:
+            request.stage = Stage.PREFILLING
+            self.counters.remote_prefills += 1
 
     def prefill_lost(self, jobs: Sequence[Request], message: str) -> list[Request]:
         """The prefill worker was lost mid-call: queue the jobs again (in order, at the front) for another
@@ -175,9 +281,11 @@ class Scheduler:
         retry = any(self._alive("prefill", i) for i in self._prefill_replicas)
         requeued = []
         for request in reversed(jobs):
+            if request.stage is Stage.DONE:  # its cached prefix went with a failed decode replica
+                continue
             if retry and request.cancel is None:
                 self.kv.free(request.id)
-                request.stage, request.replica = Stage.WAITING, None
+                request.stage, request.replica, request.cached_tokens = Stage.WAITING, None, 0
                 self.waiting.appendleft(request)
                 requeued.insert(0, request)
             else:
@@ -189,7 +297,10 @@ class Scheduler:
             self.fail(self.waiting[0], message, "UNAVAILABLE")
 
     def first_token(self, request: Request, sample: TokenSample) -> bool:
-        """Prefill's token reached the host. True: move the KV on; False: the request ended here."""
+        """Prefill's token reached the host. True: move the KV on; False: the request ended (here, or
+        before, with the decode replica that held its cached prefix)."""
+        if request.stage is Stage.DONE:
+            return False
         finish = self._apply(request, sample)
         if finish is None and request.cancel is None:
             request.stage = Stage.TRANSFERRING
@@ -201,25 +312,36 @@ class Scheduler:
 
     def kv_arrived(self, request: Request) -> bool:
         """The KV is on the decode replica. True: insert it; False: the request ended meanwhile."""
+        if request.stage is Stage.DONE:
+            return False
         if request.cancel is not None:
             self.finish(request, request.cancel)
             return False
         return True
 
     def inserted(self, request: Request) -> None:
+        """The KV after the cached prefix is in the request's pages: it may decode, and its prompt's full
+        pages are cached."""
+        self.counters.handoff_tokens += len(request.all_ids) - 1 - request.cached_tokens
+        self._to_ready(request)
+
+    def _to_ready(self, request: Request) -> None:
         request.stage = Stage.READY
         self._admitted[request.id] = next(self._order)
         self.ready[request.replica].append(request)
+        self._cache_written(request)
 
     # ------------------------------------------------------------------ decode
 
     def has_work(self, replica: int) -> bool:
-        return bool(self.running[replica] or self.ready[replica])
+        return bool(self.running[replica] or self.ready[replica] or self.local[replica])
 
     def plan_step(self, replica: int) -> StepPlan:
         """The rows of the next step on ``replica``: end cancelled rows, fill free batch slots from the
-        ready ones, and give every row a page for the token it writes — preempting the youngest sequence
-        when pages run out."""
+        ready ones, and give every row a page for the token it writes — preempting when pages run out,
+        local prefills first (the latest first), then the youngest sequence. Then the prompts at the head
+        of the queue that prefill locally are scheduled (here or on another replica), and the replica's
+        local prefills get the step's chunks: in order, one per prompt, up to ``step_token_budget``."""
         self._admit(replica)
         running, preempted = self.running[replica], []
         for request in sorted(running, key=self._age):
@@ -229,18 +351,50 @@ class Scheduler:
                     self.kv.allocate(request.id, replica, need)
                     need = 0
                 except OutOfPages:
-                    victim = max(running + self.ready[replica], key=self._age)
+                    victim = self.local[replica][-1] if self.local[replica] else max(
+                        running + self.ready[replica], key=self._age
+                    )
                     self._preempt(victim)
                     preempted.append(victim)
-        return StepPlan(list(running), preempted)
+        if self.config.prefills_locally:
+            self._take_waiting(remote=False)
+        return StepPlan(list(running), preempted, self._plan_chunks(replica))
+
+    def _plan_chunks(self, replica: int) -> list[ChunkPlan]:
+        chunks, budget = [], self.config.step_token_budget
+        for request in self.local[replica]:
+            if budget <= 0:
+                break
+            size = min(len(request.all_ids) - request.prefilled, self.config.local_chunk, budget)
+            chunks.append(ChunkPlan(request, request.prefilled, request.prefilled + size))
+            budget -= size
+        return chunks
+
+    def chunk_done(self, request: Request, end: int, sample: TokenSample) -> None:
+        """A local chunk's KV is written up to ``end``; after the prompt's last chunk, ``sample`` is its
+        first token and the request joins the ready rows (no hand-off). A request that ended meanwhile
+        ignores it."""
+        if request.stage is not Stage.PREFILLING_LOCAL:
+            return
+        request.prefilled = end
+        if end < len(request.all_ids):
+            return
+        self.local[request.replica].remove(request)
+        finish = self._apply(request, sample)
+        if finish is None and request.cancel is None:
+            self._to_ready(request)
+        else:
+            self.finish(request, finish or request.cancel)
 
     def plan_ahead(self, replica: int, inflight: Sequence[Request]) -> list[Request] | None:
         """Rows for a step dispatched behind the one in flight (its tokens feed this one on device), when
         nothing about the batch must change first: the same rows in the same order, none forced, none that
         the in-flight token ends by length, and a page for each row's next token without preempting."""
         self._admit(replica)
+        if self.config.prefills_locally:
+            self._take_waiting(remote=False)
         running = self.running[replica]
-        if list(inflight) != running:
+        if list(inflight) != running or self.local[replica]:  # local chunks run with a planned step
             return None
         for request in running:
             if request.forced_ids or len(request.output_ids) + 1 >= request.params.max_tokens:
@@ -262,8 +416,8 @@ class Scheduler:
         return self._admitted[request.id]
 
     def _admit(self, replica: int) -> None:
-        """End the replica's cancelled sequences; move ready ones into free batch slots."""
-        for request in [r for r in self.running[replica] + self.ready[replica] if r.cancel is not None]:
+        """End the replica's cancelled sequences and local prefills; move ready ones into free batch slots."""
+        for request in [r for r in self._holders(replica) if r.cancel is not None]:
             self.finish(request, request.cancel)
         ready, running = self.ready[replica], self.running[replica]
         while ready and len(running) < self.config.max_batch:
@@ -272,14 +426,16 @@ class Scheduler:
             running.append(request)
 
     def _preempt(self, request: Request) -> None:
-        """Free the sequence's pages and queue it at the front, to be prefilled again from all its tokens."""
+        """Free the sequence's pages (caching those written) and queue it at the front, to be prefilled
+        again from all its tokens — from its cached pages on, while they last."""
         self._drop(request)
+        self._cache_written(request)
         self.kv.free(request.id)
         request.metrics.preemptions += 1
         if request.cancel is not None:
             self.finish(request, request.cancel)
             return
-        request.stage, request.replica = Stage.WAITING, None
+        request.stage, request.replica, request.cached_tokens = Stage.WAITING, None, 0
         self.waiting.appendleft(request)
 
     def step_done(self, rows: Sequence[Request], samples: Sequence[TokenSample]) -> int:
@@ -296,16 +452,27 @@ class Scheduler:
         return applied
 
     def replica_failed(self, replica: int, message: str, code: str = "INTERNAL") -> list[Request]:
-        """A program failed on ``replica``: fail every sequence it holds (their pages return)."""
-        failed = self.running[replica] + self.ready[replica]
+        """A program failed on ``replica`` and its pools will be reset: fail every sequence and local
+        prefill it holds and every request on its way there with a cached prefix (their pages return),
+        and forget its cached pages."""
+        failed = self._holders(replica) + [
+            r
+            for r in self.live.values()
+            if r.replica == replica and r.stage in (Stage.PREFILLING, Stage.TRANSFERRING) and r.cached_tokens
+        ]
         for request in failed:
             self.fail(request, message, code)
+        self.kv.clear_cache(replica)
         return failed
 
     def stop_replica(self, replica: int) -> None:
         """Shutdown: end what the replica holds."""
-        for request in self.running[replica] + self.ready[replica]:
+        for request in self._holders(replica):
             self.finish(request, FinishReason.ABORT)
+
+    def _holders(self, replica: int) -> list[Request]:
+        """The requests whose KV is being written or read on ``replica`` by its own thread."""
+        return self.running[replica] + self.ready[replica] + self.local[replica]
 
     # ------------------------------------------------------------------ stop rules and ends
 
@@ -329,12 +496,14 @@ class Scheduler:
         self.finish(request, FinishReason.ERROR, message)
 
     def finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
-        """End ``request`` wherever it is: its pages are freed before the finish is emitted."""
+        """End ``request`` wherever it is: its pages are freed (those written cached) before the finish is
+        emitted. (A failed replica's cache is cleared after its requests are failed.)"""
         if request.stage is Stage.DONE:
             return
         if request.stage is Stage.WAITING and request in self.waiting:
             self.waiting.remove(request)
         self._drop(request)
+        self._cache_written(request)
         self.kv.free(request.id)
         request.stage = Stage.DONE
         self._emissions.append(Emission(request, (), reason, error))
@@ -342,10 +511,26 @@ class Scheduler:
     def _drop(self, request: Request) -> None:
         if request.replica is None:
             return
-        for rows in (self.running[request.replica], self.ready[request.replica]):
+        for rows in (self.running[request.replica], self.ready[request.replica], self.local[request.replica]):
             if request in rows:
                 rows.remove(request)
         self._admitted.pop(request.id, None)
+
+    def _cache_written(self, request: Request) -> None:
+        """Cache the request's full pages whose KV is written: a local prefill's chunks so far; a decoding
+        sequence's every token but its last (whose KV the next step writes)."""
+        if not self.config.prefix_cache:
+            return
+        if request.stage is Stage.PREFILLING_LOCAL:
+            written = request.prefilled
+        elif request.stage in (Stage.READY, Stage.RUNNING):
+            written = len(request.all_ids) - 1
+        else:
+            return  # nothing written past its cached prefix yet
+        full = written // self.config.page_size
+        if full:
+            keys = extend_page_keys(request.page_keys, request.all_ids, self.config.page_size)
+            self.kv.cache(request.id, keys[:full])
 
     # ------------------------------------------------------------------ views
 
@@ -358,6 +543,15 @@ class Scheduler:
     def pages_total(self) -> list[int]:
         return [pool.capacity for pool in self.kv.pools.values()]
 
+    def pages_cached(self) -> list[int]:
+        return [pool.cached for pool in self.kv.pools.values()]
+
+    def pages_shared(self) -> list[int]:
+        return [pool.shared for pool in self.kv.pools.values()]
+
+    def evictions(self) -> int:
+        return sum(pool.evictions for pool in self.kv.pools.values())
+
     def check(self) -> None:
         """Invariants: the used pages are exactly the live requests' pages; only requests between
         prefill and the end hold pages; rows are where their stage says."""
@@ -369,7 +563,11 @@ class Scheduler:
             if request.stage not in (Stage.WAITING, Stage.DONE) and not holds:
                 raise AssertionError(f"{request.id} ({request.stage}) holds no pages")
         for replica in self.kv.pools:
-            for stage, rows in ((Stage.RUNNING, self.running[replica]), (Stage.READY, self.ready[replica])):
+            for stage, rows in (
+                (Stage.RUNNING, self.running[replica]),
+                (Stage.READY, self.ready[replica]),
+                (Stage.PREFILLING_LOCAL, self.local[replica]),
+            ):
                 for request in rows:
                     if request.stage is not stage or request.replica != replica:
                         raise AssertionError(f"{request.id} is {request.stage} on {request.replica}")

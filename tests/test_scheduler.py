@@ -36,11 +36,11 @@ def _scheduler(pages=(9,), *, max_batch=4, max_context=64, alive=None, prefill=(
 _ids = iter(range(10**9))
 
 
-def _request(prompt_len=5, *, max_tokens=8, rid=None, forced=(), **params) -> Request:
+def _request(prompt_len=5, *, max_tokens=8, rid=None, forced=(), tokens=None, **params) -> Request:
     rid = rid or f"r{next(_ids)}"
     return Request(
         rid,
-        list(range(10, 10 + prompt_len)),
+        list(range(10, 10 + prompt_len)) if tokens is None else tokens,
         SamplingParams(max_tokens=max_tokens, **params),
         SamplingRow(0.0, 0, 1.0, 0),
         RequestStream(rid, lambda _: False),
@@ -442,24 +442,78 @@ def test_a_pool_never_hands_out_the_scratch_page_or_a_partial_allocation():
     assert sorted(pool.allocate(3)) == [1, 2, 3] and pool.free == 0
 
 
+PREFIXES = (list(range(100, 112)), list(range(100, 108)) + [9] * 4, list(range(200, 206)))
+
+
+def _shared_prompt(rng: random.Random, turns: list[list[int]]) -> list[int]:
+    """A next turn (a recently finished request's tokens and a new message), or a prompt that starts with
+    some of one of a few common prefixes."""
+    message = [rng.randint(3, 20) for _ in range(rng.randint(1, 6))]
+    if turns and rng.random() < 0.5:
+        return rng.choice(turns[-4:])[:24] + message
+    prefix = rng.choice(PREFIXES)
+    return prefix[: rng.randint(0, len(prefix))] + message
+
+
+class _Pools:
+    """What the decode replicas' pages hold, as the engine's programs would write it: (replica, page) ->
+    {slot: token}. A request must find its own tokens in every page slot it counts as written."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[int, int], dict[int, int]] = {}
+
+    def write(self, replica: int, pages: list[int], position: int, token: int) -> None:
+        self.slots.setdefault((replica, pages[position // PAGE]), {})[position % PAGE] = token
+
+    def write_tokens(self, s: Scheduler, request: Request, start: int, end: int) -> None:
+        for position in range(start, end):
+            self.write(request.replica, s.pages_of(request), position, request.all_ids[position])
+
+    def reset(self, replica: int) -> None:
+        self.slots = {key: v for key, v in self.slots.items() if key[0] != replica}
+
+    def check(self, s: Scheduler) -> None:
+        for r in s.live.values():
+            if r.stage in (Stage.PREFILLING, Stage.TRANSFERRING):
+                written = r.cached_tokens
+            elif r.stage is Stage.PREFILLING_LOCAL:
+                written = r.prefilled
+            elif r.stage in (Stage.READY, Stage.RUNNING):
+                written = len(r.all_ids) - 1
+            else:
+                continue
+            pages = s.pages_of(r)
+            for position in range(written):
+                held = self.slots.get((r.replica, pages[position // PAGE]), {}).get(position % PAGE)
+                assert held == r.all_ids[position], f"{r.id} position {position}: {held}"
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["plain", "prefix-cache-and-local-prefill"])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_event_sequences_keep_the_pages_exactly_the_live_requests(seed):
-    """Drive the scheduler with random arrivals, tokens, aborts, preemptions, failures and lost workers;
-    after every event the used pages are exactly what the live requests hold, nothing freed twice."""
+def test_random_event_sequences_keep_the_pages_exactly_the_live_requests(seed, cache):
+    """Drive the scheduler with random arrivals (prompts drawn from a few common prefixes), tokens, local
+    chunks, aborts, preemptions, failures and lost workers; after every event the used pages are exactly
+    what the live requests hold, nothing freed twice, every page free, evictable or held, and every token
+    a request counts as written is in its pages as the programs wrote it (so a cached page never serves
+    another prefix's KV, and a shared page is never written)."""
     rng = random.Random(seed)
     up = {("decode", 0): True, ("decode", 1): True, ("prefill", 0): True}
-    s = _scheduler(pages=(10, 8), max_batch=3, max_context=40, alive=lambda role, i: up[role, i])
+    config = {"prefix_cache": True, "local_prefill_tokens": 6, "local_chunk": 4, "step_token_budget": 6}
+    s = _scheduler(pages=(16, 12) if cache else (10, 8), max_batch=3, max_context=40,
+                   alive=lambda role, i: up[role, i], **(config if cache else {}))
+    pools = _Pools()
     transferring: list = []
     arrived: list = []
     inflight: dict[int, list] = {0: [], 1: []}
-    for _ in range(600):
+    turns: list[list[int]] = []
+    for _ in range(1500):
         event = rng.choices(
             ["add", "prefill", "transfer", "insert", "step", "cancel", "fail", "lost", "revive", "retire"],
             [4, 2, 2, 2, 8, 1, 0.3, 0.3, 1, 1],
         )[0]
         if event == "add" and len(s.waiting) < 8:
             try:
-                s.add(_request(rng.randint(1, 14), max_tokens=rng.randint(1, 24)))
+                s.add(_request(tokens=_shared_prompt(rng, turns), max_tokens=rng.randint(1, 16)))
             except WorkerUnavailableError:
                 assert not s.servable()
         elif event == "prefill":
@@ -474,24 +528,37 @@ def test_random_event_sequences_keep_the_pages_exactly_the_live_requests(seed):
             r = transferring.pop(rng.randrange(len(transferring)))
             if rng.random() < 0.1:
                 s.fail(r, "pull failed", "UNAVAILABLE")
-            elif s.kv_arrived(r):
+            else:
                 arrived.append(r)
         elif event == "insert" and arrived:
-            s.inserted(arrived.pop(0))
+            r = arrived.pop(0)
+            if s.kv_arrived(r):  # the decode thread: arrival, insert and its record in one go
+                pools.write_tokens(s, r, r.cached_tokens, len(r.all_ids) - 1)
+                s.inserted(r)
         elif event == "step":
             replica = rng.randrange(2)
             rows = inflight[replica]
             if rows:
                 ahead = s.plan_ahead(replica, rows) if rng.random() < 0.5 else None
+                behind = [(r, s.pages_of(r), len(r.all_ids)) for r in ahead or []]
                 s.step_done(rows, [_tok(EOS if rng.random() < 0.03 else 7) for _ in rows])
+                for r, pages, position in behind:  # fed on device with the token just read
+                    pools.write(replica, pages, position, r.all_ids[position])
                 inflight[replica] = ahead or []
             else:
-                inflight[replica] = s.plan_step(replica).rows
+                plan = s.plan_step(replica)
+                for r in plan.rows:
+                    pools.write_tokens(s, r, len(r.all_ids) - 1, len(r.all_ids))
+                for chunk in plan.chunks:
+                    pools.write_tokens(s, chunk.request, chunk.start, chunk.end)
+                    s.chunk_done(chunk.request, chunk.end, _tok(rng.choice([EOS, 7, 7, 7])))
+                inflight[replica] = plan.rows
         elif event == "cancel" and s.live:
             s.cancel(rng.choice(list(s.live.values())), FinishReason.ABORT)
         elif event == "fail":
             replica = rng.randrange(2)
             s.replica_failed(replica, "boom")
+            pools.reset(replica)
             inflight[replica] = []
         elif event == "lost":
             up["decode", rng.randrange(2)] = False
@@ -501,7 +568,11 @@ def test_random_event_sequences_keep_the_pages_exactly_the_live_requests(seed):
             for e in s.take_emissions():
                 if e.finish is not None:
                     s.retire(e.request)
+                    turns.append(e.request.all_ids)
         s.check()
+        pools.check(s)
     ended = {r.id for r in s.live.values() if r.stage is Stage.DONE}
-    held = sum(len(s.pages_of(r)) for r in s.live.values() if r.id not in ended)
-    assert sum(s.pages_used()) == held
+    held = {(r.replica, page) for r in s.live.values() if r.id not in ended for page in s.pages_of(r)}
+    assert sum(s.pages_used()) == len(held)
+    if cache:
+        assert s.counters.hit_tokens and s.counters.local_prefills and s.counters.remote_prefills
