@@ -117,8 +117,11 @@ def run_engine(module, tokenizer, batch_prompts, args, *, colocate: bool, label:
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature,
                             top_p=args.top_p, seed=0 if args.temperature else None)
     context = -(-(args.prompt_len + args.output_len + 1) // 16) * 16
+    built = time.perf_counter()
     with Engine(module, tokenizer=tokenizer, prefill_mesh="1x1", decode_mesh="1x1", colocate=colocate,
-                max_batch=len(batch_prompts), max_context=context, progress=False) as engine:
+                max_batch=len(batch_prompts), max_context=context, progress=False,
+                attention_backend=args.attention_backend) as engine:
+        print(f"  {label}: engine built and compiled in {time.perf_counter() - built:.1f} s", flush=True)
         engine.generate(batch_prompts[:1], dataclasses.replace(params, max_tokens=2))  # warm the path
         start = time.perf_counter()
         outputs = engine.generate(batch_prompts, params)
@@ -223,6 +226,11 @@ def run_hf(directory: str, batch_prompts, args) -> Result:
 def peers(args) -> list[dict]:
     import jax
 
+    if args.compile_cache:
+        from jdisagg.compile_cache import enable_compile_cache
+
+        enable_compile_cache(args.compile_cache)
+
     config = model_config(args.config, args.dtype)
     module = random_model(config, seed=0)
     tokenizer = word_tokenizer(config.vocab_size)
@@ -235,15 +243,21 @@ def peers(args) -> list[dict]:
     rows = []
     for batch in args.batch:
         batch_prompts = prompts(batch, args.prompt_len, config.vocab_size)
-        results = []
+        results: list[Result] = []
+
+        def done(result: Result, results: list[Result] = results) -> None:
+            """Printed as each finishes, so a run cut short by a time limit still says something."""
+            results.append(result)
+            print(f"  batch {result.batch} {result.system}: {result.output_tok_s:.1f} out tok/s, "
+                  f"TPOT {result.tpot_ms:.2f} ms", flush=True)
+
         if hf_dir:
-            results.append(run_hf(hf_dir, batch_prompts, args))
-        results.append(run_plain_loop(module, batch_prompts, args))
-        results.append(run_engine(module, tokenizer, batch_prompts, args, colocate=True,
-                                  label="jdisagg colocated"))
+            done(run_hf(hf_dir, batch_prompts, args))
+        done(run_plain_loop(module, batch_prompts, args))
+        done(run_engine(module, tokenizer, batch_prompts, args, colocate=True, label="jdisagg colocated"))
         if jax.device_count() >= 2:
-            results.append(run_engine(module, tokenizer, batch_prompts, args, colocate=False,
-                                      label="jdisagg disaggregated"))
+            done(run_engine(module, tokenizer, batch_prompts, args, colocate=False,
+                            label="jdisagg disaggregated"))
         rows += report(results, greedy=not args.temperature)
     return rows
 
@@ -526,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers (e.g. on a GPU without torch)")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="a persistent compile cache: engines after the first load their shared programs")
+    p.add_argument("--attention-backend", default=None,
+                   help="the Engine's paged-attention backend (default: by platform; 'reference' is XLA)")
     c = sub.add_parser("context", help="decode throughput against max_context, same workload")
     c.add_argument("--contexts", type=ints, default=[256, 1024, 4096, 16384])
     c.add_argument("--requests", type=int, default=64)
