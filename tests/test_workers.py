@@ -231,11 +231,18 @@ class Served:
         return Stream(self.pool, self.address, prompt, max_tokens)
 
     def health(self) -> str:
-        """The server's status, the same for the whole server and for jdisagg.v1.Generation."""
+        """The server's status, the same for the whole server and for jdisagg.v1.Generation.
+
+        The server sets the two names one after the other, so a check that lands between the two sets
+        reads both statuses again; they must agree by the next read."""
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            statuses = {stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
-                        for name in ("", SERVICE_NAME)}
+            for _ in range(2):
+                statuses = {stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+                            for name in ("", SERVICE_NAME)}
+                if len(statuses) == 1:
+                    break
+                time.sleep(0.1)
         assert len(statuses) == 1, statuses
         return health_pb2.HealthCheckResponse.ServingStatus.Name(statuses.pop())
 
