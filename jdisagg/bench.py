@@ -108,6 +108,7 @@ class Record:
     prompt_tokens: int
     status: str = "OK"
     token_times: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # what was streamed (a chat's next turn repeats it)
     done: float = 0.0
 
     @property
@@ -136,6 +137,7 @@ def send(stub: pb_grpc.GenerationStub, request: BenchRequest, timeout: float) ->
         ):
             now = time.perf_counter()
             record.token_times += [now] * len(response.token_ids)
+            record.token_ids += response.token_ids
     except grpc.RpcError as exc:
         record.status = exc.code().name
     record.done = time.perf_counter()
@@ -162,7 +164,9 @@ def send_openai(base_url: str, model: str, request: BenchRequest, timeout: float
                     record.status = event["error"].get("type") or "ERROR"
                     break
                 now = time.perf_counter()
-                record.token_times += [now] * sum(len(c.get("token_ids", ())) for c in event["choices"])
+                ids = [t for c in event["choices"] for t in c.get("token_ids", ())]
+                record.token_times += [now] * len(ids)
+                record.token_ids += ids
     except urllib.error.HTTPError as exc:
         record.status = f"HTTP_{exc.code}"
     except OSError as exc:  # refused, reset, timed out
@@ -274,7 +278,7 @@ class BenchOptions:
 
 
 @contextmanager
-def _sender(opts: BenchOptions) -> Iterator[Callable[[BenchRequest], Record]]:
+def sender(opts: BenchOptions) -> Iterator[Callable[[BenchRequest], Record]]:
     """How one request is sent and timed, for the chosen backend."""
     if opts.backend == "openai":
         base_url = opts.base_url.rstrip("/").removesuffix("/v1")
@@ -290,7 +294,7 @@ def run_bench(opts: BenchOptions) -> dict:
     """Run warm-up, then the measured requests; returns the summary (JSON-ready)."""
     requests = make_requests(opts.workload, opts.warmup + opts.num_requests, opts.seed)
     warmup, measured = requests[: opts.warmup], requests[opts.warmup :]
-    with _sender(opts) as send_one:
+    with sender(opts) as send_one:
         for request in warmup:
             send_one(request)
         before = scrape(opts.metrics_url) if opts.metrics_url else {}

@@ -226,6 +226,21 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="prompt tokens of the long requests (default: %(default)s)")
     bench.add_argument("--long-output-len", default=None, metavar="N|LO:HI",
                        help="output tokens of the long requests (default: --output-len)")
+    bench.add_argument("--workload", choices=("random", "chat"), default="random",
+                       help="random: independent prompts (the flags above); chat: --conversations concurrent "
+                            "multi-turn chats, each turn's prompt the previous prompt + its answer + a new "
+                            "message, all after one shared system prompt (what a prefix cache is for; with "
+                            "--metrics-url it reports the hit rate and KV handed off per request) "
+                            "(default: %(default)s)")
+    bench.add_argument("--conversations", type=_positive, default=8,
+                       help="chat: conversations at once (default: %(default)s)")
+    bench.add_argument("--turns", type=_positive, default=4, help="chat: turns each (default: %(default)s)")
+    bench.add_argument("--system-prompt-len", type=_integer, default=512,
+                       help="chat: tokens of the system prompt every conversation starts with "
+                            "(default: %(default)s)")
+    bench.add_argument("--message-len", default="32", metavar="N|LO:HI",
+                       help="chat: the user's new tokens per turn; answers take --output-len "
+                            "(default: %(default)s)")
     bench.add_argument("--vocab-size", type=_positive, default=256,
                        help="prompt token ids are drawn from [0, this) (default: %(default)s, the demo's)")
     bench.add_argument("--seed", type=_integer, default=0, help="seed of lengths, tokens and arrivals")
@@ -308,10 +323,21 @@ def _bench(args: argparse.Namespace) -> int:
         backend=args.backend, base_url=args.base_url,
     )
     try:
-        summary = run_bench(opts)
+        if args.workload == "chat":
+            from jdisagg.bench_chat import ChatWorkload, format_chat_summary, run_chat_bench
+
+            chat = ChatWorkload(args.conversations, args.turns, args.system_prompt_len,
+                                Lengths.parse(args.message_len), workload.output, args.vocab_size)
+            summary = run_chat_bench(opts, chat)
+        else:
+            summary = run_bench(opts)
+    except ValueError as exc:
+        return _fail(2, str(exc))
     except OSError as exc:
         return _fail(1, f"cannot reach the server or its metrics: {exc}")
     print(format_summary(summary))
+    if args.workload == "chat":
+        print(format_chat_summary(summary))
     if args.json:
         write_json(summary, args.json)
     if summary["succeeded"] == 0:
