@@ -27,9 +27,18 @@ from jdisagg.executors import CompileTask, LocalChunk, Sampled
 from jdisagg.kv_cache import KVPools
 from jdisagg.kv_manager import SCRATCH_PAGE
 from jdisagg.programs import MAX_BATCH_PADDING, compile_local_prefill
+from jdisagg.sizes import ServingSizes
 
 DEFAULT_LOCAL_CHUNK = 256  # tokens per local chunk unless the prefill chunk is smaller
 DEFAULT_LOCAL_BATCH = 4  # chunks per prefill_local call (the largest decode batch bucket up to this)
+
+
+def local_shape(sizes: ServingSizes) -> tuple[int, int]:
+    """(chunks per call, tokens per chunk) of a decode replica's local prefill programs: the prefill chunk
+    up to ``DEFAULT_LOCAL_CHUNK`` tokens, and the largest decode batch bucket up to ``DEFAULT_LOCAL_BATCH``
+    (the sampler is compiled for those). ``memory.decode_workspace`` measures the program at this shape."""
+    batch = max(b for b in sizes.batch_buckets if b <= DEFAULT_LOCAL_BATCH)
+    return batch, min(sizes.chunk, DEFAULT_LOCAL_CHUNK)
 
 
 class LocalPrefill:

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from jdisagg.kv_cache import kv_sharding
 from jdisagg.meshes import stored_kv_heads
-from jdisagg.programs import compile_decode
+from jdisagg.programs import compile_decode, compile_local_prefill
 from jdisagg.sizes import DEFAULT_SLOT_TOKENS, MIN_FITTED_CONTEXT, ServingSizes, fitted_context
 
 log = logging.getLogger("jdisagg.memory")
@@ -190,15 +190,24 @@ def plan_kv_pages(
 
 
 def decode_workspace(
-    graphdef: nnx.GraphDef, state: Any, mesh: Mesh, sizes: ServingSizes, kv: KVShape, backend: str | None
+    graphdef: nnx.GraphDef, state: Any, mesh: Mesh, sizes: ServingSizes, kv: KVShape, backend: str | None,
+    local_prefill: tuple[int, int] | None = None,
 ) -> int:
     """Temporaries of the decode program at the largest batch, measured by compiling it over an abstract
     two-page pool (its temporaries grow with batch and context, not with the pool, which it updates in
-    place)."""
+    place). With ``local_prefill`` (chunks per call, tokens per chunk: ``local_prefill.local_shape``) the
+    larger of that and the local prefill program's: the two run one after the other on the same devices,
+    never at once."""
     stored = stored_kv_heads(kv.num_kv_heads, kv.tp)
     sharding = kv_sharding(mesh, stored, head_axis=0)
     page = jax.ShapeDtypeStruct((stored, 2, sizes.page_size, kv.head_dim), kv.dtype, sharding=sharding)
     pools = [(page, page) for _ in range(kv.num_layers)]
     compiled = compile_decode(graphdef, state, pools, mesh, sizes.max_batch, sizes.max_pages, sizes.page_size,
                               stored, kv.head_dim**-0.5, backend)
-    return workspace_bytes(compiled)
+    if local_prefill is None:
+        return workspace_bytes(compiled)
+    chunks, tokens = local_prefill
+    blocks = tokens // sizes.page_size  # the table width the local program reads, in whole key blocks
+    local = compile_local_prefill(graphdef, state, pools, mesh, chunks, tokens,
+                                  -(-sizes.max_pages // blocks) * blocks, sizes.page_size, stored)
+    return max(workspace_bytes(compiled), workspace_bytes(local))

@@ -24,7 +24,7 @@ from jdisagg.chunked_prefill import kv_nbytes, kv_pieces
 from jdisagg.executors import CompileTask, LocalChunk, Sampled, SamplingRow
 from jdisagg.kv_cache import init_page_pools
 from jdisagg.kv_manager import SCRATCH_PAGE
-from jdisagg.local_prefill import DEFAULT_LOCAL_BATCH, DEFAULT_LOCAL_CHUNK, LocalPrefill
+from jdisagg.local_prefill import LocalPrefill, local_shape
 from jdisagg.meshes import PHASE_RULES, TP_AXIS, stored_kv_heads
 from jdisagg.placement import ModelShape, handoff_sharding, model_shape, place_params
 from jdisagg.placement import put_replicated as _put
@@ -243,8 +243,8 @@ def build_decode_replica(
     local_chunk: int | None = None,
 ) -> DecodeReplica:
     """Place the params on ``mesh`` with the decode rules and allocate its page pools (KV in ``kv_dtype``,
-    default the params' dtype). ``local_chunk``: tokens per local-prefill chunk (None: the prefill chunk,
-    at most ``DEFAULT_LOCAL_CHUNK``; 0: no local prefill programs are compiled)."""
+    default the params' dtype). ``local_chunk``: tokens per local-prefill chunk (None: ``local_shape``'s;
+    0: no local prefill programs are compiled)."""
     shape = model_shape(graphdef, state)
     params = place_params(state, mesh, PHASE_RULES["decode"], shape)
     return DecodeReplica(
@@ -260,6 +260,6 @@ def build_decode_replica(
         page_buckets=sizes.page_buckets,
         attention_backend=attention_backend,
         kv_dtype=jnp.dtype(kv_dtype or jax.tree.leaves(state)[0].dtype),
-        local_chunk=min(sizes.chunk, DEFAULT_LOCAL_CHUNK) if local_chunk is None else local_chunk,
-        local_batch=max(b for b in sizes.batch_buckets if b <= DEFAULT_LOCAL_BATCH),
+        local_chunk=local_shape(sizes)[1] if local_chunk is None else local_chunk,
+        local_batch=local_shape(sizes)[0],
     )
