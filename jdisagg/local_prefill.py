@@ -97,6 +97,10 @@ class LocalPrefill:
         its call."""
         for chunk in chunks:
             self.check(chunk)
+        firsts = [chunk.pages[chunk.start // self.page_size] for chunk in chunks]
+        if len(set(firsts)) < len(firsts):
+            raise ValueError("two chunks of one prefill_local call write into the same page: chunks of one "
+                             "sequence must run in calls of their own, in order")
         sampled, rest = [], list(chunks)
         while rest:
             rows = self.batch if self.batch > 1 and self.batch <= MAX_BATCH_PADDING * len(rest) else 1

@@ -3,7 +3,8 @@ hand-off.
 
 A tiny sliding-window model (window 24, so chunks straddle it) with 8-token pages, a 64-token context and a
 32-token prefill chunk (so prompts past 32 tokens are chunked on the prefill mesh). One TP1 prefill replica
-and two decode replicas, TP2 and TP1, each compiled once for the module. Everything is compared with what
+and two decode replicas, TP2 and TP4 (its pools repeat each of the 2 kv heads twice), each compiled once for
+the module. Everything is compared with what
 prefill + hand-off + insert give for the same prompt: first tokens, log-probabilities, the KV in the pages,
 and greedy continuations.
 """
@@ -46,7 +47,7 @@ def replicas():
     prefill = build_prefill_replica(0, Mesh(np.array(devices[:1]), (TP_AXIS,)), graphdef, state, sizes)
     decode = {
         name: build_decode_replica(i, Mesh(np.array(devs), (TP_AXIS,)), graphdef, state, sizes, None)
-        for i, (name, devs) in enumerate([("tp2", devices[1:3]), ("tp1", devices[3:4])])
+        for i, (name, devs) in enumerate([("tp2", devices[1:3]), ("tp4", devices[3:7])])
     }
     for replica in (prefill, *decode.values()):
         for _, compile_program in replica.compile_tasks():
@@ -91,7 +92,7 @@ def _assert_same_sample(got, want, row: int = 0, num_top: int = 3) -> None:
     np.testing.assert_allclose(top_logprobs[row, :num_top], want[3][0, :num_top], atol=1e-4)
 
 
-@pytest.mark.parametrize("mesh", ["tp2", "tp1"])
+@pytest.mark.parametrize("mesh", ["tp2", "tp4"])
 @pytest.mark.parametrize("split", [[30], [13, 17], [5, 12, 13]])
 def test_local_prefill_in_chunks_equals_prefill_and_insert(replicas, mesh, split):
     """Prompt A (30 tokens) locally in 1, 2 or 3 chunks (a chunk boundary mid-page, the window reaching
@@ -131,7 +132,7 @@ def test_cached_prefix_with_a_local_suffix_continues_as_the_full_prefill(replica
     with it prefills only its 21-token suffix on the decode replica, over those pages: the same greedy
     continuation (12 tokens, past the window) as prefilling the whole prompt and inserting it."""
     prefill, decode = replicas
-    replica = decode["tp1"]
+    replica = decode["tp4"]
     prompt = _prompt(45, seed=4)
     full_pages = [1, 2, 3, 4, 5, 6, 7, 8]
     want, _ = _handoff(prefill, replica, PromptInput(prompt, GREEDY_TOP), full_pages)
@@ -172,13 +173,16 @@ def test_suffix_handoff_moves_only_the_suffix_and_inserts_the_same_kv(replicas, 
 
 def test_bad_chunks_and_cached_prefixes_are_refused(replicas):
     prefill, decode = replicas
-    replica = decode["tp1"]
+    replica = decode["tp4"]
     with pytest.raises(ValueError, match="1 to 32 tokens"):
         replica.prefill_local([LocalChunk(list(range(33)), 0, [1, 2, 3, 4, 5], GREEDY_TOP)])
     with pytest.raises(ValueError, match="cannot hold positions up to 20"):
         replica.prefill_local([LocalChunk(list(range(10)), 10, [1, 2], GREEDY_TOP)])
     with pytest.raises(ValueError, match="scratch page"):
         replica.prefill_local([LocalChunk(list(range(10)), 0, [0, 2], GREEDY_TOP)])
+    with pytest.raises(ValueError, match="same page"):
+        replica.prefill_local([LocalChunk(list(range(8)), 0, [1, 2], GREEDY_TOP),
+                               LocalChunk(list(range(8)), 4, [1, 2], GREEDY_TOP)])
     with pytest.raises(ValueError, match="multiple of page_size=8"):
         prefill.run_batch([PromptInput(list(range(20)), GREEDY_TOP, cached_tokens=12)])
     with pytest.raises(ValueError, match="below the prompt's 16 tokens"):
