@@ -2,13 +2,24 @@
 
 The device count must be fixed before JAX initialises its backends, so it happens at import time here.
 
+Most of the suite's time is XLA compiling: every ``Engine`` and every ``jdisagg launch`` compiles its
+programs again. The whole session shares one fresh persistent compilation cache (a temporary directory,
+removed at the end), so an identical program compiled by a later engine or subprocess is loaded from disk:
+in this process through ``enable_compile_cache``, in subprocesses through ``XDG_CACHE_HOME``, where
+``jdisagg launch`` and ``jdisagg worker`` keep theirs by default. A loaded program is not a compilation
+(``jdisagg.compile_counter``); tests that need real compiles, or test the cache itself, pass their own
+``--compile-cache``.
+
 The page-leak check is the invariant docs/architecture.md promises: whenever an engine is idle, no KV page
 is in use. Every ``Engine`` built in this process is recorded (module-scoped ones included), and so is every
 server subprocess a test registers with ``kv_page_watch.watch_metrics``; after each test the check waits a
 little for each of them to go idle, then fails the test if any page is still held.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -26,6 +37,14 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+SESSION_CACHE_HOME = tempfile.mkdtemp(prefix="jdisagg-test-cache-")
+atexit.register(shutil.rmtree, SESSION_CACHE_HOME, ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = SESSION_CACHE_HOME  # read by every subprocess's default compile cache
+
+from jdisagg.compile_cache import enable_compile_cache  # noqa: E402
+
+enable_compile_cache()  # $XDG_CACHE_HOME/jdisagg/xla, the directory the subprocesses use too
 
 IDLE_WAIT_S = 30.0  # a stream a test cancelled may still be on its way out of the decode loop
 

@@ -4,8 +4,14 @@ Held-out text (the last 5% of tinyshakespeare, never trained on) is cut into str
 prompt, then 128 bytes forced token by token through prefill, the KV hand-off and decode steps on the
 paged cache (``Engine.score``). Every scored byte is predicted from the real text before it, part of it
 read back from KV that crossed from the prefill mesh to the decode mesh, so a wrong mask, position or
-hand-off shows up as a jump in bits/byte. The result must equal the training forward's on the same windows
-and the number recorded when the weights were trained, and stay under the quality bar.
+hand-off shows up as a jump in bits/byte.
+
+Two claims, each checked where it is cheap: the training forward (one jitted program, no serving code) on
+the whole split gives the number recorded when the weights were trained, under the quality bar; and the
+serving path gives the training forward's bits/byte, byte by byte, on a strided subset of the windows, on
+the default disaggregated layout and colocated on one device. Scoring all 434 windows through the serving
+path took minutes on the 2-core CI machine; 48 windows run the same programs, and are compared byte by byte
+rather than as a mean.
 """
 
 from __future__ import annotations
@@ -46,48 +52,49 @@ def windows() -> np.ndarray:
     return train_demo.held_out_windows(train_demo.split_text().validation)
 
 
-def _training_forward_bits(rows: np.ndarray) -> float:
-    graphdef, state = nnx.split(load_demo_model())
-    return train_demo.held_out_loss(graphdef, state, rows) / math.log(2)
-
-
-def _serving_bits(engine: Engine, rows: np.ndarray) -> float:
-    logprobs = engine.score_many([(row[:PROMPT].tolist(), row[PROMPT:].tolist()) for row in rows])
-    assert all(len(lp) == SCORED for lp in logprobs)
-    return -float(np.mean(np.concatenate(logprobs))) / math.log(2)
-
-
-def _served_and_reference(rows: np.ndarray, prefill: str, decode: str, colocate: bool) -> tuple[float, float]:
-    with Engine(prefill_mesh=prefill, decode_mesh=decode, colocate=colocate, max_context=PROMPT + SCORED,
-                max_batch=16, progress=False) as engine:
-        served = _serving_bits(engine, rows)
-        assert engine.stats()["pages_used"] == [0] * len(engine.stats()["pages_used"])
-    return served, _training_forward_bits(rows)
+# The windows served per layout: every 9th of the 434, three full batches of 16 over the whole split.
+SERVED = np.arange(48) * 9
 
 
 @pytest.fixture(scope="module")
-def full_split(windows) -> tuple[float, float]:
-    """Bits/byte of the whole held-out split, served on 4x1 -> 2x2, and the training forward's number."""
-    return _served_and_reference(windows, "4x1", "2x2", False)
+def byte_nats(windows) -> np.ndarray:
+    """Nats of every scored byte of the split, [windows, SCORED], by the training forward (the jitted
+    ``token_losses`` that ``held_out_loss`` sums, in its batches of 32 rows)."""
+    graphdef, state = nnx.split(load_demo_model())
+    losses = jax.jit(train_demo.token_losses, static_argnums=0)
+    batches = (jnp.asarray(windows[i : i + 32]) for i in range(0, len(windows), 32))
+    return np.concatenate([np.asarray(losses(graphdef, state, batch))[:, -SCORED:] for batch in batches])
 
 
-def test_full_split_through_serving_path_equals_training_forward(full_split):
-    served, reference = full_split
-    assert abs(served - reference) < 1e-3, full_split
+def _served_byte_nats(rows: np.ndarray, prefill: str, decode: str, colocate: bool) -> np.ndarray:
+    """Nats of each scored byte, [rows, SCORED], forced through prefill, the hand-off and decode."""
+    with Engine(prefill_mesh=prefill, decode_mesh=decode, colocate=colocate, max_context=PROMPT + SCORED,
+                max_batch=16, progress=False) as engine:
+        logprobs = engine.score_many([(row[:PROMPT].tolist(), row[PROMPT:].tolist()) for row in rows])
+        assert engine.stats()["pages_used"] == [0] * len(engine.stats()["pages_used"])
+    assert all(len(lp) == SCORED for lp in logprobs)
+    return -np.asarray(logprobs)
 
 
-def test_shipped_model_is_the_one_measured_at_training_and_meets_the_bar(full_split):
-    served, _ = full_split
+def test_recorded_number_is_the_training_forward_on_the_full_split_and_meets_the_bar(windows, byte_nats):
+    assert byte_nats.shape == (len(windows), SCORED) == (434, 128)
+    bits = byte_nats.mean() / math.log(2)
     recorded = json.loads((DEMO_DIR / "training.json").read_text())["validation_bits_per_byte"]
-    assert abs(served - recorded) < 1e-3, (served, recorded)
-    assert served <= MAX_BITS_PER_BYTE, f"held-out {served:.4f} bits/byte through the serving path"
+    assert abs(bits - recorded) < 1e-3, (bits, recorded)
+    assert bits <= MAX_BITS_PER_BYTE, f"held-out {bits:.4f} bits/byte"
 
 
-@pytest.mark.parametrize(("prefill", "decode", "colocate"), [("2x1", "1x2", False), ("1x1", "1x1", True)])
-def test_other_layouts_give_the_same_bits_per_byte(windows, prefill, decode, colocate):
-    rows = windows[:: len(windows) // 48][:48]
-    served, reference = _served_and_reference(rows, prefill, decode, colocate)
-    assert abs(served - reference) < 1e-3, (served, reference)
+@pytest.mark.parametrize(("prefill", "decode", "colocate"), [("4x1", "2x2", False), ("1x1", "1x1", True)])
+def test_serving_path_gives_the_training_forwards_nats_byte_by_byte(windows, byte_nats, prefill, decode,
+                                                                     colocate):
+    """The default layout (TP-4 prefill to two TP-2 decode replicas: KV resharded and split over replicas)
+    and colocated on one device. TP-2 prefill to two TP-1 decode replicas is the same path on other degrees;
+    tests/test_engine.py checks greedy tokens on that layout and two more."""
+    served = _served_byte_nats(windows[SERVED], prefill, decode, colocate)
+    reference = byte_nats[SERVED]
+    np.testing.assert_allclose(served, reference, atol=1e-3)
+    served_bits, reference_bits = served.mean() / math.log(2), reference.mean() / math.log(2)
+    assert abs(served_bits - reference_bits) < 1e-4, (served_bits, reference_bits)
 
 
 def test_training_loss_is_the_served_models_forward_when_dropout_is_off():
