@@ -35,10 +35,11 @@ DEFAULT_LOCAL_BATCH = 4  # chunks per prefill_local call (the largest decode bat
 
 def local_shape(sizes: ServingSizes) -> tuple[int, int]:
     """(chunks per call, tokens per chunk) of a decode replica's local prefill programs: the prefill chunk
-    up to ``DEFAULT_LOCAL_CHUNK`` tokens, and the largest decode batch bucket up to ``DEFAULT_LOCAL_BATCH``
-    (the sampler is compiled for those). ``memory.decode_workspace`` measures the program at this shape."""
+    up to ``DEFAULT_LOCAL_CHUNK`` tokens (or one page, if pages are larger), and the largest decode batch
+    bucket up to ``DEFAULT_LOCAL_BATCH`` (the sampler is compiled for those). ``memory.decode_workspace``
+    measures the program at this shape."""
     batch = max(b for b in sizes.batch_buckets if b <= DEFAULT_LOCAL_BATCH)
-    return batch, min(sizes.chunk, DEFAULT_LOCAL_CHUNK)
+    return batch, min(sizes.chunk, max(DEFAULT_LOCAL_CHUNK, sizes.page_size))
 
 
 class LocalPrefill:
