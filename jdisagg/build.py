@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 from tqdm import tqdm
 
+from jdisagg.local_prefill import local_shape
 from jdisagg.memory import KVShape, decode_workspace, plan_kv_pages, resolve_kv_cache_dtype
 from jdisagg.meshes import PHASE_RULES, Layout, build_layout, check_fits, param_sharding_fn
 from jdisagg.models.config import ModelConfig
@@ -69,8 +70,12 @@ def build_replicas(
     kv_cache_dtype: str,
     kv_cache_gb: float | None,
     memory_fraction: float | None,
+    prefix_cache: bool = False,
+    local_prefill: bool = False,
 ) -> Built:
-    """The replicas of an in-process engine (``Engine``'s arguments say what each one means)."""
+    """The replicas of an in-process engine (``Engine``'s arguments say what each one means). The
+    programs only the prefix cache needs are compiled only with it: the prefill replicas' suffix
+    hand-off with ``prefix_cache``, the decode replicas' prefill from pages with ``local_prefill``."""
     if devices is None:
         provide_cpu_devices(devices_needed(prefill_mesh, decode_mesh, colocate))
     layout = build_layout(prefill_mesh, decode_mesh, colocate=colocate, devices=devices)
@@ -93,7 +98,8 @@ def build_replicas(
     )
     prefill, decode_params, loaded = [], [], {}
     for i, mesh in enumerate(layout.prefill.replicas):
-        prefill.append(build_prefill_replica(i, mesh, *_load_onto(source, mesh, "prefill", loaded), sizes))
+        prefill.append(build_prefill_replica(i, mesh, *_load_onto(source, mesh, "prefill", loaded), sizes,
+                                             suffix_handoff=prefix_cache))
         placed.update()
     for mesh in layout.decode.replicas:
         decode_params.append(_load_onto(source, mesh, "decode", loaded))
@@ -105,10 +111,11 @@ def build_replicas(
         sizes, kv, devices=decode_devices, num_pages=num_pages, kv_cache_gb=kv_cache_gb,
         memory_fraction=memory_fraction,
         workspace=lambda: decode_workspace(*decode_params[0], layout.decode.replicas[0], sizes, kv,
-                                           attention_backend),
+                                           attention_backend, local_shape(sizes) if local_prefill else None),
     )
     decode = [
-        build_decode_replica(i, mesh, graphdef, state, sizes, attention_backend, kv_dtype)
+        build_decode_replica(i, mesh, graphdef, state, sizes, attention_backend, kv_dtype,
+                             local_chunk=None if local_prefill else 0)
         for i, (mesh, (graphdef, state)) in enumerate(zip(layout.decode.replicas, decode_params, strict=True))
     ]
     return Built(layout, config, tokenizer, sizes, prefill, decode)

@@ -37,6 +37,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _integer(text)
     if not 0 <= value < 65536:
@@ -139,6 +146,15 @@ def _build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-queue", type=_positive, default=256,
                         help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED "
                              "(default: %(default)s)")
+    launch.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="do not reuse the KV of full pages a decode replica already holds for a "
+                             "prompt's prefix: every prompt's KV is computed and handed off in full")
+    launch.add_argument("--local-prefill-tokens", type=_non_negative, default=None, metavar="N",
+                        help="prefill a prompt on its decode replica, in chunks between decode steps, when "
+                             "at most N of its tokens are uncached; 0: never (default: every prompt with "
+                             "--colocate, else 0)")
+    launch.add_argument("--step-token-budget", type=_positive, default=512, metavar="N",
+                        help="prompt tokens prefilled locally per decode step (default: %(default)s)")
     launch.add_argument("--attention-backend", default=None,
                         help="paged-attention implementation in jdisagg.kernels "
                              "(default: chosen by platform)")

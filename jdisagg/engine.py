@@ -8,11 +8,13 @@ compiles every program; then requests go to the ``Scheduler`` (policy, no JAX) a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -35,6 +37,15 @@ from jdisagg.tokenizer import Tokenizer
 log = logging.getLogger("jdisagg.engine")
 
 
+@dataclass(frozen=True)
+class _Policy:
+    """What the scheduler does beyond the sizes: the prefix cache and local prefill."""
+
+    prefix_cache: bool
+    local_prefill_tokens: int
+    step_token_budget: int
+
+
 class Engine:
     """Disaggregated serving engine. Construction loads, places and compiles everything; then it serves.
 
@@ -55,6 +66,12 @@ class Engine:
         attention_backend: paged-attention backend for ``jdisagg.kernels`` (None: by platform).
         served_model_name: the metrics' ``model_name`` label (default: the checkpoint directory's name,
             ``demo`` for the built-in model).
+        prefix_cache: reuse the KV of full pages a decode replica already holds for a prompt's prefix:
+            only the rest is handed off (or prefilled locally).
+        local_prefill_tokens: prefill a prompt on its decode replica, in chunks interleaved with decode
+            steps, when at most this many of its tokens are uncached (0: never). Default: every prompt
+            when colocated (chunked prefill), never when disaggregated.
+        step_token_budget: prompt tokens prefilled locally per decode step.
         devices: the devices to lay the meshes on (default: all visible; on a CPU-only host, when JAX has
             not started yet, the CPU is split into as many virtual devices as the meshes need).
     """
@@ -80,17 +97,30 @@ class Engine:
         kv_cache_gb: float | None = None,
         memory_fraction: float | None = None,
         served_model_name: str | None = None,
+        prefix_cache: bool = True,
+        local_prefill_tokens: int | None = None,
+        step_token_budget: int = 512,
     ) -> None:
+        if (local_prefill_tokens or 0) < 0 or step_token_budget < 1:
+            raise ValueError(
+                f"want local_prefill_tokens >= 0 and step_token_budget >= 1, got {local_prefill_tokens} and "
+                f"{step_token_budget}"
+            )
         built = build_replicas(
             model, tokenizer=tokenizer, prefill_mesh=prefill_mesh, decode_mesh=decode_mesh, colocate=colocate,
             page_size=page_size, num_pages=num_pages, max_batch=max_batch, max_context=max_context,
             attention_backend=attention_backend, progress=progress, devices=devices, dtype=dtype,
             kv_cache_dtype=kv_cache_dtype, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,
+            prefix_cache=prefix_cache,
+            local_prefill=colocate if local_prefill_tokens is None else local_prefill_tokens > 0,
         )
         self.layout = built.layout
         self._configure(built.config, built.tokenizer, built.sizes, max_queue,
                         served_model_name or model_name_of(model))
-        self._start(built.prefill, built.decode, progress)
+        if local_prefill_tokens is None:  # colocated: every prompt; disaggregated: none
+            local_prefill_tokens = built.sizes.max_context if colocate else 0
+        self._start(built.prefill, built.decode, progress,
+                    _Policy(prefix_cache, local_prefill_tokens, step_token_budget))
 
     @classmethod
     def from_replicas(
@@ -107,10 +137,12 @@ class Engine:
     ) -> Engine:
         """An engine over replicas built elsewhere, e.g. proxies of worker processes (``jdisagg.workers``):
         anything that implements the ``jdisagg.executors`` Protocols. One whose ``alive`` is False is skipped
-        until it comes back."""
+        until it comes back. The prefix cache and local prefill are off: worker processes cannot hand off
+        a suffix or prefill from their pages yet."""
+        log.info("prefix cache and local prefill are off over worker processes (not supported there yet)")
         engine = cls.__new__(cls)
         engine._configure(config, tokenizer, sizes, max_queue, served_model_name or "unnamed")
-        engine._start(list(prefill), list(decode), progress)
+        engine._start(list(prefill), list(decode), progress, _Policy(False, 0, 1))
         return engine
 
     def _configure(
@@ -119,16 +151,23 @@ class Engine:
         self.config, self.tokenizer, self.model_name = config, tokenizer, model_name
         self.page_size, self.max_context, self.max_batch = sizes.page_size, sizes.max_context, sizes.max_batch
         self.max_queue = max_queue
-        self.scheduler_config = SchedulerConfig(
-            sizes.page_size, sizes.max_batch, sizes.max_context, max_queue, sizes.max_prefill_batch,
-            sizes.prefill_token_budget,
-        )
+        self._sizes = sizes
 
-    def _start(self, prefill: list[Any], decode: list[Any], progress: bool) -> None:
+    def _start(self, prefill: list[Any], decode: list[Any], progress: bool, policy: _Policy) -> None:
         """Compile every program, then start the stage threads."""
+        sizes = self._sizes
+        local_chunk = min(d.local_chunk for d in decode) if policy.local_prefill_tokens else 0
+        self.scheduler_config = SchedulerConfig(
+            sizes.page_size, sizes.max_batch, sizes.max_context, max_queue=self.max_queue,
+            max_prefill_batch=sizes.max_prefill_batch, prefill_token_budget=sizes.prefill_token_budget,
+            prefix_cache=policy.prefix_cache, local_prefill_tokens=policy.local_prefill_tokens,
+            local_chunk=local_chunk, step_token_budget=policy.step_token_budget,
+        )
         self.metrics = EngineMetrics(self.model_name, compile_count)
         self._prefill, self._decode = prefill, decode
-        tasks = [t for r in prefill + decode for t in r.compile_tasks()]
+        # When every prompt prefills locally (colocated default), the prefill replicas never run.
+        idle = local_chunk and policy.local_prefill_tokens >= sizes.max_context
+        tasks = [t for r in ([] if idle else prefill) + decode for t in r.compile_tasks()]
         self._num_programs = len(tasks)
         bar = tqdm(tasks, desc="compiling", disable=not progress, unit="program")
         for name, run in bar:
@@ -145,6 +184,7 @@ class Engine:
         )
         for role in ("prefill", "decode"):
             self.metrics.live_workers.labels(role).set_function(lambda role=role: self.live_replicas()[role])
+        self.metrics.watch_scheduler(self.scheduler)
         self._stages = Stages(self.scheduler, prefill, decode, OutputProcessor(self.tokenizer), self.metrics)
         self._cv = self._stages.lock  # the scheduler's lock: holding it pauses every scheduling decision
         self._stopping = False
@@ -256,6 +296,9 @@ class Engine:
             },
             "live": len(self.scheduler.live),
             "compile_count": compile_count(),
+            "pages_cached": self.scheduler.pages_cached(),
+            "evictions": self.scheduler.evictions(),
+            **dataclasses.asdict(self.scheduler.counters),
         }
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:

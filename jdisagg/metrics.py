@@ -13,10 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from jdisagg.scheduler import Scheduler
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -114,6 +118,12 @@ class EngineMetrics:
         self.running = by(Gauge, "jdisagg_running_sequences", "Sequences in the decode batch.", "replica")
         self.pages_used = by(Gauge, "jdisagg_kv_pages_used", "KV pages in use.", "replica")
         self.pages_total = by(Gauge, "jdisagg_kv_pages_total", "KV pages in the pool.", "replica")
+        self.pages_cached = by(
+            Gauge, "jdisagg_kv_pages_cached", "KV pages in the prefix cache (held or evictable).", "replica"
+        )
+        self.pages_shared = by(
+            Gauge, "jdisagg_kv_pages_shared", "KV pages held by several requests.", "replica"
+        )
         self.transfer_bytes = counter("jdisagg_kv_transfer_bytes", "KV bytes moved prefill -> decode.")
         self.transfer_failures = counter(
             "jdisagg_kv_transfer_failures", "KV hand-offs that failed (the request ended with an error)."
@@ -132,3 +142,23 @@ class EngineMetrics:
         )
         self.prompt_tokens = counter("jdisagg_prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = counter("jdisagg_generation_tokens", "Tokens generated.")
+
+    def watch_scheduler(self, scheduler: Scheduler) -> None:
+        """The totals the scheduler keeps (prefix cache, where prompts were prefilled), read at scrape
+        time."""
+        c = scheduler.counters
+        for name, documentation, read in (
+            ("jdisagg_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
+             lambda: c.queried_tokens),
+            ("jdisagg_prefix_cache_hit_tokens", "Prompt tokens whose KV the prefix cache held.",
+             lambda: c.hit_tokens),
+            ("jdisagg_prefix_cache_evictions", "Cached KV pages evicted for new allocations.",
+             scheduler.evictions),
+            ("jdisagg_local_prefills", "Prompts prefilled on their decode replica (no hand-off).",
+             lambda: c.local_prefills),
+            ("jdisagg_remote_prefills", "Prompts prefilled on a prefill replica and handed off.",
+             lambda: c.remote_prefills),
+            ("jdisagg_kv_transfer_tokens", "Prompt tokens whose KV was handed off prefill -> decode.",
+             lambda: c.handoff_tokens),
+        ):
+            self.registry.register(_CountFromFunction(name, documentation, self.model_name, read))

@@ -10,7 +10,8 @@ Data flows one way::
 - transfer: reads each first token (TTFT does not wait for the KV hand-off), then moves the KV onto its
   decode replica (``receive``) and passes it to that replica's thread.
 - decode: inserts arrived KV, asks the scheduler for the step's rows and runs them, one step ahead of the
-  host in the steady state.
+  host in the steady state; runs the local-prefill chunks the scheduler plans with a step (prompts
+  prefilled from the replica's own pages, no hand-off).
 - output: text, stop strings and the final ``Output`` (``OutputProcessor``).
 
 Every decision is a ``Scheduler`` call under the one lock (``call``); the tokens and finishes it emits go
@@ -30,12 +31,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from jdisagg.errors import WorkerUnavailableError
-from jdisagg.executors import DecodeExecutor, PrefillExecutor, PromptInput, Sampled
+from jdisagg.executors import DecodeExecutor, LocalChunk, PrefillExecutor, PromptInput, Sampled
 from jdisagg.metrics import EngineMetrics
 from jdisagg.output_processor import OutputProcessor
 from jdisagg.outputs import FinishReason
 from jdisagg.requests import Request
-from jdisagg.scheduler import Emission, Scheduler, TokenSample
+from jdisagg.scheduler import ChunkPlan, Emission, Scheduler, TokenSample
 
 log = logging.getLogger("jdisagg.engine")
 
@@ -48,6 +49,13 @@ class _Handoff:
     request: Request
     sampled: Sampled  # the first token: one row, still on device
     offer: Any  # the prefill executor's KV offer
+
+
+class _Wake:
+    """A decode inbox item with no KV: another thread scheduled local prefill on this replica."""
+
+
+_WAKE = _Wake()
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ class Stages:
         self.lock = threading.Condition()
         self.stopping = False
         self.transfers: queue.Queue[_Handoff | None] = queue.Queue(maxsize=4)
-        self.inboxes: dict[int, queue.Queue[tuple[Request, Any] | None]] = {
+        self.inboxes: dict[int, queue.Queue[tuple[Request, Any] | _Wake | None]] = {
             d.index: queue.Queue() for d in decode
         }
         # Unbounded on purpose: emissions are queued under the lock, which a full queue would deadlock.
@@ -126,7 +134,8 @@ class Stages:
             thread.join(timeout=10.0)
 
     def call(self, decide: Callable[..., T], *args: Any) -> T:
-        """Run one scheduler decision under the lock; pass on what it emitted; wake waiting threads."""
+        """Run one scheduler decision under the lock; pass on what it emitted; wake waiting threads (a
+        decode thread idling on its inbox, too, when local prefill was scheduled onto its replica)."""
         with self.lock:
             try:
                 return decide(*args)
@@ -134,12 +143,19 @@ class Stages:
                 for emission in self.scheduler.take_emissions():
                     self.outputs.put(emission)
                 self.lock.notify_all()
+                for index, local in self.scheduler.local.items():
+                    if local and self.inboxes[index].empty():
+                        self.inboxes[index].put(_WAKE)
 
     def update_gauges(self) -> None:
         s, m = self.scheduler, self.metrics
-        for index, used, total in zip(s.kv.pools, s.pages_used(), s.pages_total(), strict=True):
+        for index, used, total, cached, shared in zip(
+            s.kv.pools, s.pages_used(), s.pages_total(), s.pages_cached(), s.pages_shared(), strict=True
+        ):
             m.pages_used.labels(str(index)).set(used)
             m.pages_total.labels(str(index)).set(total)
+            m.pages_cached.labels(str(index)).set(cached)
+            m.pages_shared.labels(str(index)).set(shared)
         m.queue_depth.labels("waiting").set(len(s.waiting))
         m.queue_depth.labels("transfer").set(self.transfers.qsize())
         m.queue_depth.labels("decode_inbox").set(sum(q.qsize() for q in self.inboxes.values()))
@@ -161,14 +177,11 @@ class Stages:
     def _prefill_loop(self, prefill: PrefillExecutor) -> None:
         while (jobs := self._next_prefill(prefill)) is not None:
             self.update_gauges()
-            now = time.monotonic()
-            for request in jobs:
-                if request.metrics.scheduled is None:
-                    request.metrics.scheduled = now
-                    self.metrics.queue_time.observe(now - request.metrics.arrival)
-                    self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            self._scheduled(jobs)
             try:
-                results = prefill.run_batch([PromptInput(r.all_ids, r.sampling, r.next_forced) for r in jobs])
+                results = prefill.run_batch(
+                    [PromptInput(r.all_ids, r.sampling, r.next_forced, r.cached_tokens) for r in jobs]
+                )
             except WorkerUnavailableError as exc:
                 for request in self.call(self.scheduler.prefill_lost, jobs, str(exc)):
                     log.warning("retrying %s on another prefill worker: %s", request.id, exc)
@@ -180,6 +193,15 @@ class Stages:
                 continue
             for request, (sampled, offer) in zip(jobs, results, strict=True):
                 self.transfers.put(_Handoff(request, sampled, offer))
+
+    def _scheduled(self, requests: Sequence[Request]) -> None:
+        """Their prefill starts: the queue time and prompt tokens of those starting for the first time."""
+        now = time.monotonic()
+        for request in requests:
+            if request.metrics.scheduled is None:
+                request.metrics.scheduled = now
+                self.metrics.queue_time.observe(now - request.metrics.arrival)
+                self.metrics.prompt_tokens.inc(len(request.prompt_ids))
 
     # ------------------------------------------------------------------ transfer
 
@@ -243,6 +265,8 @@ class Stages:
                 self.metrics.running.labels(str(index)).set(len(plan.rows))
                 if plan.rows:
                     inflight = _Step(self._dispatch(replica, plan.rows, None), plan.rows)
+                if plan.chunks:  # queued on device behind the step's rows
+                    self._prefill_locally(replica, plan.chunks)
             except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
                 log.exception("decode replica %d failed", index)
                 self.call(s.replica_failed, index, *_failure(exc))
@@ -258,12 +282,16 @@ class Stages:
             while True:
                 if item is None:
                     return False
+                if isinstance(item, _Wake):
+                    item = inbox.get_nowait()
+                    continue
                 request, staged = item
                 if not self.call(s.kv_arrived, request):
                     replica.discard(staged)
                 else:
-                    try:
-                        replica.insert(staged, s.pages_of(request))
+                    try:  # the hand-off starts after the cached prefix, at a page boundary
+                        cached_pages = request.cached_tokens // s.config.page_size
+                        replica.insert(staged, s.pages_of(request)[cached_pages:])
                         self.call(s.inserted, request)
                     except Exception as exc:  # noqa: BLE001
                         log.error("KV insert of %s failed: %s", request.id, exc)
@@ -271,6 +299,17 @@ class Stages:
                 item = inbox.get_nowait()
         except queue.Empty:
             return True
+
+    def _prefill_locally(self, replica: DecodeExecutor, chunks: Sequence[ChunkPlan]) -> None:
+        """Run a step's local-prefill chunks (blocking) and pass each one's end and sample on."""
+        self._scheduled([c.request for c in chunks])
+        sampled = replica.prefill_local([
+            LocalChunk(c.request.all_ids[c.start : c.end], c.start, self.scheduler.pages_of(c.request),
+                       c.request.sampling, c.request.next_forced)
+            for c in chunks
+        ])
+        for chunk, sample in zip(chunks, token_samples(sampled, [c.request for c in chunks]), strict=True):
+            self.call(self.scheduler.chunk_done, chunk.request, chunk.end, sample)
 
     def _dispatch(self, replica: DecodeExecutor, rows: list[Request], behind: _Step | None) -> Any:
         """Dispatch a step for ``rows``: from their last host tokens, or behind the step in flight."""

@@ -57,6 +57,9 @@ class LaunchOptions:
     served_model_name: str | None = None  # the metrics' model_name; None: the model directory's name
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off
     chat_template: str | None = None  # a Jinja file replacing the model's chat template
+    prefix_cache: bool = True  # off across worker processes (not supported there yet)
+    local_prefill_tokens: int | None = None  # None: every prompt when colocated, else none
+    step_token_budget: int = 512
 
 
 def launch(opts: LaunchOptions) -> int:
@@ -140,7 +143,8 @@ def _start_engine(opts: LaunchOptions, meshes) -> Engine:
         max_context=opts.max_context, max_queue=opts.max_queue,
         attention_backend=opts.attention_backend, progress=opts.progress, dtype=opts.dtype,
         kv_cache_dtype=opts.kv_cache_dtype, kv_cache_gb=opts.kv_cache_gb,
-        memory_fraction=opts.memory_fraction,
+        memory_fraction=opts.memory_fraction, prefix_cache=opts.prefix_cache,
+        local_prefill_tokens=opts.local_prefill_tokens, step_token_budget=opts.step_token_budget,
     )
 
 
