@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jdisagg.compile_cache import enable_compile_cache
@@ -47,4 +48,9 @@ def test_off_and_bad_directories(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="cannot use .* as the compile cache"):
         enable_compile_cache(str(blocker / "cache"))
-    assert enable_compile_cache("off") is None
+    suites_cache = jax.config.jax_enable_compilation_cache  # on: tests/conftest.py
+    try:
+        assert enable_compile_cache("off") is None
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_enable_compilation_cache", suites_cache)

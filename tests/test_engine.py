@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jdisagg.compile_counter import compile_count
+from jdisagg.compile_counter import cache_hit_count, compile_count
 from jdisagg.engine import Engine
 from jdisagg.models import ModelConfig
 from jdisagg.models.loading import init_model, load_hf_model, save_checkpoint, save_hf_safetensors
@@ -89,18 +89,23 @@ def _assert_no_pages(engine):
     assert stats["pages_used"] == [0] * len(stats["pages_used"]), stats
 
 
+# TP-4 prefill (kv heads replicated) to two TP-2 decode replicas, colocated on one device, and two TP-2
+# prefill replicas to two TP-1 decode replicas (four, as before, compiled the most programs of this file and
+# add no code path: picking among replicas is the scheduler's, tests/test_scheduler.py). One TP-2 prefill
+# replica to two TP-1 decode replicas is checked against the same reference by
+# test_flood_larger_than_page_pool_preempts_and_still_matches.
 @pytest.mark.parametrize(
     ("prefill", "decode", "colocate"),
-    [("4x1", "2x2", False), ("2x1", "1x2", False), ("1x1", "1x1", True), ("2x2", "1x4", False)],
+    [("4x1", "2x2", False), ("1x1", "1x1", True), ("2x2", "1x2", False)],
 )
 def test_greedy_matches_reference_on_every_layout(checkpoint, reference, prefill, decode, colocate):
     prompts = _prompts([3, 17, 40, 70, 1, 33])
     with _engine(checkpoint, prefill, decode, colocate=colocate) as engine:
-        warm = compile_count()
-        assert warm == engine.warm_compile_count
+        warm = compile_count(), cache_hit_count()  # the suite's compile cache: a load is no compile
+        assert warm[0] == engine.warm_compile_count
         streams = [engine.submit(p, SamplingParams(max_tokens=12)) for p in prompts]  # all in flight at once
         outputs = [s.result(timeout=300) for s in streams]
-        assert compile_count() == warm, "serving compiled a program after warm-up"
+        assert (compile_count(), cache_hit_count()) == warm, "serving compiled or loaded a program"
         _assert_no_pages(engine)
     for prompt, out in zip(prompts, outputs, strict=True):
         assert out.finish_reason == FinishReason.LENGTH
@@ -291,7 +296,10 @@ def test_engine_serves_an_orbax_checkpoint_and_a_module(checkpoint, reference, t
         with pytest.raises(ValueError, match="tokenizer"):
             Engine(module, progress=False)
     prompts = _prompts([6, 19], seed=51)
-    with Engine(model, tokenizer=ByteTokenizer(), max_context=64, max_batch=2, progress=False) as engine:
+    # The default meshes (1x1 -> 1x1) and test_shutdown_drains_in_flight's sizes: the same programs, so all
+    # but the first of the three engines load them from the suite's compile cache.
+    with Engine(model, tokenizer=ByteTokenizer(), max_context=MAX_CONTEXT, max_batch=2,
+                progress=False) as engine:
         outputs = engine.generate(prompts, SamplingParams(max_tokens=6))
     for prompt, out in zip(prompts, outputs, strict=True):
         assert out.token_ids == reference(tuple(prompt), 6)
