@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -22,6 +23,7 @@ from jax.sharding import Mesh
 from jdisagg.executors import LocalChunk, PromptInput, SamplingRow
 from jdisagg.meshes import TP_AXIS
 from jdisagg.models import ModelConfig
+from jdisagg.models.chunk_attention import chunk_attention, paged_chunk_attention
 from jdisagg.models.loading import init_model
 from jdisagg.replicas import build_decode_replica, build_prefill_replica
 from jdisagg.sizes import plan_sizes
@@ -187,3 +189,27 @@ def test_bad_chunks_and_cached_prefixes_are_refused(replicas):
         prefill.run_batch([PromptInput(list(range(20)), GREEDY_TOP, cached_tokens=12)])
     with pytest.raises(ValueError, match="below the prompt's 16 tokens"):
         prefill.run_batch([PromptInput(list(range(16)), GREEDY_TOP, cached_tokens=16)])
+
+
+def test_paged_chunk_attention_reads_only_its_live_pages():
+    """Over pools where every page but the sequence's holds NaN, and the sequence's last page holds NaN
+    past its live positions, the paged recurrence equals the dense one over the same keys: pages past
+    ``end`` are never weighted, and their values are zeroed before they meet a zero weight."""
+    rng = np.random.default_rng(5)
+    kv_heads, page_size, head_dim, start, n = 2, 8, 16, 13, 9  # positions 13..21, pages 0..2 of the row
+    k_pages = np.full((kv_heads, 12, page_size, head_dim), np.nan, np.float32)
+    v_pages = k_pages.copy()
+    row = np.array([7, 3, 9, 0, 0, 0, 0, 0], np.int32)  # padding entries: page 0, NaN too
+    dense_k = rng.standard_normal((24, kv_heads, head_dim)).astype(np.float32)
+    dense_v = rng.standard_normal((24, kv_heads, head_dim)).astype(np.float32)
+    for i, page in enumerate(row[:3]):
+        k_pages[:, page] = dense_k[i * page_size : (i + 1) * page_size].transpose(1, 0, 2)
+        v_pages[:, page] = dense_v[i * page_size : (i + 1) * page_size].transpose(1, 0, 2)
+    k_pages[:, 9, 6:] = v_pages[:, 9, 6:] = np.nan  # position 22 on: not written yet
+    q = rng.standard_normal((16, 4, head_dim)).astype(np.float32)  # 9 real queries, 7 padding
+    got = paged_chunk_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(row),
+                                jnp.int32(start), jnp.int32(start + n), pages_per_block=2, window=6)
+    want = chunk_attention(jnp.asarray(q[:n]), jnp.asarray(dense_k), jnp.asarray(dense_v), jnp.int32(start),
+                           block=8, window=6)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got[:n], want, atol=1e-5)

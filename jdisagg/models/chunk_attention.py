@@ -53,9 +53,10 @@ def paged_chunk_attention(
     """``chunk_attention`` over one sequence's pages: k_pages/v_pages ``[KVH, pages, page_size, hd]`` (a
     decode replica's pools), ``page_row`` ``[W]`` its page table (W a multiple of ``pages_per_block``).
 
-    Only keys before ``end`` (the chunk's last real position + 1) are read and weighted: queries past it
-    are padding, and the pages past it may hold another sequence's data or the scratch page's garbage, so
-    their values are zeroed before they meet a zero weight (0 * NaN would still be NaN).
+    Only keys before ``end`` (the chunk's last real position + 1) are weighted, by every query (a padding
+    query past it that sees none gives zeros): the pages past it may hold another sequence's data or the
+    scratch page's garbage, so their values are zeroed too before they meet a zero weight (0 * NaN would
+    still be NaN), and padding tokens never write anything but finite values into the scratch page.
     """
     kvh, _, page_size, hd = k_pages.shape
     block = pages_per_block * page_size
@@ -77,8 +78,9 @@ def _blockwise(
 ) -> jax.Array:
     """The online-softmax loop over key blocks ``load(b)`` -> (keys, values) ``[block, KVH, hd]`` of
     positions ``b * block ..``, for the blocks a query in ``start .. start + T - 1`` can see, up to the one
-    holding position ``end - 1``. Values meet the weights in q's dtype (a bfloat16 page pool under a float32
-    model is widened, not the weights narrowed); returns ``[T, H, hd]`` in q's dtype."""
+    holding position ``end - 1``; keys at ``end`` and after are never weighted. Values meet the weights in
+    q's dtype (a bfloat16 page pool under a float32 model is widened, not the weights narrowed); returns
+    ``[T, H, hd]`` in q's dtype."""
     t, h, hd = q.shape
     kvh = kv_heads
     grouped = q.reshape(t, kvh, h // kvh, hd)
@@ -92,7 +94,7 @@ def _blockwise(
         keys, values = load(b)
         scores = jnp.einsum("tkgd,skd->kgts", grouped, keys, preferred_element_type=jnp.float32) * hd**-0.5
         key_pos = b * block + jnp.arange(block)
-        visible = key_pos[None, :] <= query_pos[:, None]
+        visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < end)
         if window is not None:
             visible &= key_pos[None, :] > query_pos[:, None] - window
         scores = jnp.where(visible, scores, lowest)
