@@ -98,12 +98,13 @@ def _assert_same_sample(got, want, row: int = 0, num_top: int = 3) -> None:
 @pytest.mark.parametrize("split", [[30], [13, 17], [5, 12, 13]])
 def test_local_prefill_in_chunks_equals_prefill_and_insert(replicas, mesh, split):
     """Prompt A (30 tokens) locally in 1, 2 or 3 chunks (a chunk boundary mid-page, the window reaching
-    back across chunks), prompt B (27 tokens, seeded sampling) whole beside A's first chunk in one call:
-    the same first tokens and log-probabilities as prefill, and the same KV in the pages as insert."""
+    back across chunks), prompt B (27 tokens, seeded sampling, a forced first token) whole beside A's first
+    chunk in one call: the same first tokens and log-probabilities as prefill, and the same KV in the pages
+    as insert."""
     prefill, decode = replicas
     a, b = _prompt(30, seed=1), _prompt(27, seed=2)
     want_a, _ = _handoff(prefill, decode[mesh], PromptInput(a, GREEDY_TOP), [1, 2, 3, 4])
-    want_b, _ = _handoff(prefill, decode[mesh], PromptInput(b, SEEDED), [5, 6, 7, 8])
+    want_b, _ = _handoff(prefill, decode[mesh], PromptInput(b, SEEDED, forced=42), [5, 6, 7, 8])
     kv_a = _kv_in_pages(decode[mesh], [1, 2, 3, 4], 0, 30)
     kv_b = _kv_in_pages(decode[mesh], [5, 6, 7, 8], 0, 27)
 
@@ -112,11 +113,12 @@ def test_local_prefill_in_chunks_equals_prefill_and_insert(replicas, mesh, split
     for i, n in enumerate(split):
         chunks = [LocalChunk(a[start : start + n], start, pages_a, GREEDY_TOP)]
         if i == 0:
-            chunks.append(LocalChunk(b, 0, pages_b, SEEDED))
+            chunks.append(LocalChunk(b, 0, pages_b, SEEDED, forced=42))
         got.append(decode[mesh].prefill_local(chunks))
         start += n
     _assert_same_sample(got[-1], want_a, row=0)
     _assert_same_sample(got[0], want_b, row=1, num_top=0)
+    assert got[0].tokens[1] == 42
     _assert_same_kv(_kv_in_pages(decode[mesh], pages_a, 0, 30), kv_a)
     _assert_same_kv(_kv_in_pages(decode[mesh], pages_b, 0, 27), kv_b)
 
