@@ -98,8 +98,10 @@ def test_bench_against_a_live_server_counts_every_request_on_both_sides(live_ser
 
 @pytest.fixture(scope="module")
 def live_server():
-    """One engine behind both fronts: gRPC (with metrics) and the OpenAI-compatible HTTP API."""
-    with Engine(prefill_mesh="2x1", decode_mesh="1x2", max_batch=8, max_context=128,
+    """One engine behind both fronts: gRPC (with metrics) and the OpenAI-compatible HTTP API. Its sizes are
+    tests/test_stop_strings.py's, so the later of the two loads its programs from the suite's compile
+    cache."""
+    with Engine(prefill_mesh="2x1", decode_mesh="1x2", max_batch=4, max_context=128,
                 progress=False) as engine:
         server = GenerationServer("127.0.0.1", 0, 64)
         metrics_port = _free_port()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jdisagg.compile_counter import compile_count
+from jdisagg.compile_counter import cache_hit_count, compile_count
 from jdisagg.engine import Engine
 from jdisagg.models import ModelConfig
 from jdisagg.models.loading import init_model, load_hf_model, save_hf_safetensors
@@ -63,9 +63,9 @@ def test_a_batch_crossing_a_width_boundary_keeps_its_tokens(checkpoint):
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     with Engine(checkpoint, tokenizer=ByteTokenizer(), prefill_mesh="1x1", decode_mesh="1x1", max_batch=2,
                 page_size=64, max_context=MAX_CONTEXT, progress=False) as engine:
-        warm = compile_count()
+        warm = compile_count(), cache_hit_count()  # the suite's compile cache: a load is no compile
         outputs = engine.generate([long_prompt, short_prompt], params)
-        assert compile_count() == warm, "a page-table width was compiled while serving"
+        assert (compile_count(), cache_hit_count()) == warm, "a page-table width was compiled while serving"
         assert engine.stats()["pages_used"] == [0]
     assert outputs[0].token_ids == _dense_greedy(checkpoint, long_prompt, 16)
     assert outputs[1].token_ids == _dense_greedy(checkpoint, short_prompt, 16)
