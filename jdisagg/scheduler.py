@@ -13,6 +13,8 @@ A request moves ``WAITING -> PREFILLING -> TRANSFERRING -> READY -> RUNNING`` an
 one goes back to the front of ``WAITING`` with its tokens so far and is prefilled again from all of them.
 Pages are reserved for the whole prompt when its prefill is scheduled (so its KV always has somewhere to
 go), grow one page at a time while it decodes, and are freed by ``finish`` whatever stage it ended in.
+A cancel (client abort, stop string, shutdown) ends a waiting request at once; elsewhere it is marked, and the
+stage that next touches the request ends it, because only that stage knows its device work is done.
 
 With the prefix cache, a prompt holds the cached pages of its longest cached prefix on its decode replica
 instead of new ones, and the prefill mesh hands off only the KV after them. A prompt with at most
@@ -26,8 +28,6 @@ longest cached prefix, unless that replica would be left with fewer than ``CACHE
 the free pages the roomiest candidate would be left with; then the roomiest. Ties (no hit anywhere
 included) go to the most free pages left, then the lowest index. A cached prefix saves its prefill and its
 hand-off only where it is, so it outweighs load until that replica is clearly the more loaded one.
-A cancel (client abort, stop string, shutdown) ends a waiting request at once; elsewhere it is marked, and the
-stage that next touches the request ends it, because only that stage knows its device work is done.
 """
 
 from __future__ import annotations
