@@ -119,3 +119,13 @@ def build_replicas(
         for i, (mesh, (graphdef, state)) in enumerate(zip(layout.decode.replicas, decode_params, strict=True))
     ]
     return Built(layout, config, tokenizer, sizes, prefill, decode)
+
+
+def compile_programs(executors: Sequence[Any], progress: bool) -> int:
+    """Run every executor's compile tasks once, with a progress bar; the number of programs."""
+    tasks = [task for executor in executors for task in executor.compile_tasks()]
+    bar = tqdm(tasks, desc="compiling", disable=not progress, unit="program")
+    for name, run in bar:
+        bar.set_postfix_str(name)
+        run()
+    return len(tasks)

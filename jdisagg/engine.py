@@ -8,19 +8,16 @@ compiles every program; then requests go to the ``Scheduler`` (policy, no JAX) a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
-from tqdm import tqdm
 
-from jdisagg.build import build_replicas
+from jdisagg.build import build_replicas, compile_programs
 from jdisagg.compile_counter import compile_count
 from jdisagg.errors import QueueFullError
 from jdisagg.executors import DecodeExecutor, PrefillExecutor, SamplingRow
@@ -35,15 +32,6 @@ from jdisagg.stages import IDLE_POLL_S, Stages
 from jdisagg.tokenizer import Tokenizer
 
 log = logging.getLogger("jdisagg.engine")
-
-
-@dataclass(frozen=True)
-class _Policy:
-    """What the scheduler does beyond the sizes: the prefix cache and local prefill."""
-
-    prefix_cache: bool
-    local_prefill_tokens: int
-    step_token_budget: int
 
 
 class Engine:
@@ -102,10 +90,8 @@ class Engine:
         step_token_budget: int = 512,
     ) -> None:
         if (local_prefill_tokens or 0) < 0 or step_token_budget < 1:
-            raise ValueError(
-                f"want local_prefill_tokens >= 0 and step_token_budget >= 1, got {local_prefill_tokens} and "
-                f"{step_token_budget}"
-            )
+            raise ValueError(f"want local_prefill_tokens >= 0 and step_token_budget >= 1, got "
+                             f"{local_prefill_tokens} and {step_token_budget}")
         built = build_replicas(
             model, tokenizer=tokenizer, prefill_mesh=prefill_mesh, decode_mesh=decode_mesh, colocate=colocate,
             page_size=page_size, num_pages=num_pages, max_batch=max_batch, max_context=max_context,
@@ -119,8 +105,8 @@ class Engine:
                         served_model_name or model_name_of(model))
         if local_prefill_tokens is None:  # colocated: every prompt; disaggregated: none
             local_prefill_tokens = built.sizes.max_context if colocate else 0
-        self._start(built.prefill, built.decode, progress,
-                    _Policy(prefix_cache, local_prefill_tokens, step_token_budget))
+        self._start(built.prefill, built.decode, progress, prefix_cache, local_prefill_tokens,
+                    step_token_budget)
 
     @classmethod
     def from_replicas(
@@ -142,7 +128,7 @@ class Engine:
         log.info("prefix cache and local prefill are off over worker processes (not supported there yet)")
         engine = cls.__new__(cls)
         engine._configure(config, tokenizer, sizes, max_queue, served_model_name or "unnamed")
-        engine._start(list(prefill), list(decode), progress, _Policy(False, 0, 1))
+        engine._start(list(prefill), list(decode), progress, False, 0, 1)
         return engine
 
     def _configure(
@@ -153,26 +139,22 @@ class Engine:
         self.max_queue = max_queue
         self._sizes = sizes
 
-    def _start(self, prefill: list[Any], decode: list[Any], progress: bool, policy: _Policy) -> None:
+    def _start(self, prefill: list[Any], decode: list[Any], progress: bool, prefix_cache: bool,
+               local_prefill_tokens: int, step_token_budget: int) -> None:
         """Compile every program, then start the stage threads."""
         sizes = self._sizes
-        local_chunk = min(d.local_chunk for d in decode) if policy.local_prefill_tokens else 0
+        local_chunk = min(d.local_chunk for d in decode) if local_prefill_tokens else 0
         self.scheduler_config = SchedulerConfig(
             sizes.page_size, sizes.max_batch, sizes.max_context, max_queue=self.max_queue,
             max_prefill_batch=sizes.max_prefill_batch, prefill_token_budget=sizes.prefill_token_budget,
-            prefix_cache=policy.prefix_cache, local_prefill_tokens=policy.local_prefill_tokens,
-            local_chunk=local_chunk, step_token_budget=policy.step_token_budget,
+            prefix_cache=prefix_cache, local_prefill_tokens=local_prefill_tokens,
+            local_chunk=local_chunk, step_token_budget=step_token_budget,
         )
         self.metrics = EngineMetrics(self.model_name, compile_count)
         self._prefill, self._decode = prefill, decode
         # When every prompt prefills locally (colocated default), the prefill replicas never run.
-        idle = local_chunk and policy.local_prefill_tokens >= sizes.max_context
-        tasks = [t for r in ([] if idle else prefill) + decode for t in r.compile_tasks()]
-        self._num_programs = len(tasks)
-        bar = tqdm(tasks, desc="compiling", disable=not progress, unit="program")
-        for name, run in bar:
-            bar.set_postfix_str(name)
-            run()
+        idle = local_chunk and local_prefill_tokens >= sizes.max_context
+        self._num_programs = compile_programs(([] if idle else prefill) + decode, progress)
         self.warm_compile_count = compile_count()
         by_role = {"prefill": {p.index: p for p in prefill}, "decode": {d.index: d for d in decode}}
         self.scheduler = Scheduler(
@@ -285,21 +267,8 @@ class Engine:
         return self.scheduler.live_replicas()
 
     def stats(self) -> dict[str, Any]:
-        stages = self._stages
-        return {
-            "pages_used": self.scheduler.pages_used(),
-            "pages_total": self.scheduler.pages_total(),
-            "queue_depth": {
-                "waiting": len(self.scheduler.waiting),
-                "transfer": stages.transfers.qsize(),
-                "decode_inbox": sum(q.qsize() for q in stages.inboxes.values()),
-            },
-            "live": len(self.scheduler.live),
-            "compile_count": compile_count(),
-            "pages_cached": self.scheduler.pages_cached(),
-            "evictions": self.scheduler.evictions(),
-            **dataclasses.asdict(self.scheduler.counters),
-        }
+        """Pages, queues, live requests and the scheduler's counters now, and the XLA compilations so far."""
+        return {**self._stages.stats(), "compile_count": compile_count()}
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; finish (``drain``) or abort the ones in flight; stop the threads."""

@@ -21,9 +21,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdisagg.buckets import bucket_for
 from jdisagg.chunked_prefill import ChunkedKV, KVPiece
 from jdisagg.executors import CompileTask
-from jdisagg.programs import bucket_for, compile_kv_window
+from jdisagg.programs import compile_kv_window
 
 
 class SuffixCutter:

@@ -23,10 +23,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdisagg.buckets import MAX_BATCH_PADDING
 from jdisagg.executors import CompileTask, LocalChunk, Sampled
 from jdisagg.kv_cache import KVPools
 from jdisagg.kv_manager import SCRATCH_PAGE
-from jdisagg.programs import MAX_BATCH_PADDING, compile_local_prefill
+from jdisagg.programs import compile_local_prefill
 from jdisagg.sizes import ServingSizes
 
 DEFAULT_LOCAL_CHUNK = 256  # tokens per local chunk unless the prefill chunk is smaller

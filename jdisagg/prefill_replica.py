@@ -16,19 +16,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jdisagg.buckets import bucket_for, plan_prefill_calls
 from jdisagg.chunked_prefill import ChunkedPrefill
 from jdisagg.executors import CompileTask, PromptInput, Sampled, SamplingRow
 from jdisagg.kv_suffix import SuffixCutter
 from jdisagg.meshes import PHASE_RULES
 from jdisagg.placement import ModelShape, handoff_sharding, model_shape, place_params
 from jdisagg.placement import put_replicated as _put
-from jdisagg.programs import (
-    bucket_for,
-    compile_prefill,
-    compile_prefill_batch,
-    compile_sample_rows,
-    plan_prefill_calls,
-)
+from jdisagg.programs import compile_prefill, compile_prefill_batch, compile_sample_rows
 from jdisagg.sampler import Sampler
 from jdisagg.sizes import ServingSizes
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jdisagg.buckets import bucket_for
 from jdisagg.chunked_prefill import kv_nbytes, kv_pieces
 from jdisagg.executors import CompileTask, LocalChunk, Sampled, SamplingRow
 from jdisagg.kv_cache import init_page_pools
@@ -29,7 +30,7 @@ from jdisagg.meshes import PHASE_RULES, TP_AXIS, stored_kv_heads
 from jdisagg.placement import ModelShape, handoff_sharding, model_shape, place_params
 from jdisagg.placement import put_replicated as _put
 from jdisagg.prefill_replica import PrefillReplica, build_prefill_replica
-from jdisagg.programs import bucket_for, compile_decode, compile_insert
+from jdisagg.programs import compile_decode, compile_insert
 from jdisagg.sampler import Sampler
 from jdisagg.sizes import ServingSizes
 

@@ -23,11 +23,7 @@ prefilled on its decode replica in chunks that ``plan_step`` returns with a step
 off. Full pages are cached once their KV is written (after the insert, after the last local chunk, and
 when the request ends or is preempted).
 
-Routing (``_place``): among the live decode replicas that can take the prompt now, the one holding its
-longest cached prefix, unless that replica would be left with fewer than ``CACHE_AFFINITY_LOAD_RATIO`` of
-the free pages the roomiest candidate would be left with; then the roomiest. Ties (no hit anywhere
-included) go to the most free pages left, then the lowest index. A cached prefix saves its prefill and its
-hand-off only where it is, so it outweighs load until that replica is clearly the more loaded one.
+Routing (which replica, local or not) is ``jdisagg.routing``; the value types are ``jdisagg.schedule_types``.
 """
 
 from __future__ import annotations
@@ -35,88 +31,14 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from jdisagg.errors import EngineClosedError, QueueFullError, WorkerUnavailableError
 from jdisagg.kv_manager import KVManager, OutOfPages, pages_needed
-from jdisagg.outputs import FinishReason, TopLogprobs
+from jdisagg.outputs import FinishReason
 from jdisagg.prefix_cache import extend_page_keys
 from jdisagg.requests import Request, Stage
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    page_size: int
-    max_batch: int  # rows per decode step
-    max_context: int  # prompt + output tokens
-    max_queue: int = 256  # waiting requests before ``add`` refuses
-    max_prefill_batch: int = 8  # prompts per prefill call
-    prefill_token_budget: int = 2048  # prompt tokens per prefill call (a longer prompt runs alone)
-    prefix_cache: bool = False  # reuse the KV of cached full pages on the decode replicas
-    local_prefill_tokens: int = 0  # prefill on the decode replica when at most this many tokens are uncached
-    local_chunk: int = 0  # most tokens in one local chunk (0: the decode replicas cannot prefill locally)
-    step_token_budget: int = 512  # local-prefill tokens run with one decode step
-
-    @property
-    def prefills_locally(self) -> bool:
-        return self.local_chunk > 0 and self.local_prefill_tokens > 0
-
-
-CACHE_AFFINITY_LOAD_RATIO = 0.5  # routing: a cached prefix wins unless its replica is this much fuller
-
-
-@dataclass(frozen=True)
-class TokenSample:
-    """One sampled token as the host read it."""
-
-    token: int
-    logprob: float
-    top: TopLogprobs | None = None  # the most likely alternatives, when the request asked for them
-
-
-@dataclass(frozen=True)
-class Emission:
-    """Output for a request's stream: new tokens, or its end (``finish`` set)."""
-
-    request: Request
-    token_ids: tuple[int, ...] = ()
-    finish: FinishReason | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """One piece of a prompt to prefill on its decode replica: the KV of ``all_ids[start:end]``."""
-
-    request: Request
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    rows: list[Request]  # in batch order
-    preempted: list[Request]  # freed to make room, back at the front of the queue
-    chunks: list[ChunkPlan] = field(default_factory=list)  # local prefill run with the step, one per prompt
-
-
-@dataclass
-class Counters:
-    """Totals since the start, for the metrics."""
-
-    queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
-    hit_tokens: int = 0  # of those, tokens whose KV was found cached
-    local_prefills: int = 0  # prompts scheduled to prefill on their decode replica
-    remote_prefills: int = 0  # prompts scheduled to prefill on a prefill replica
-    handoff_tokens: int = 0  # prompt tokens whose KV a prefill replica handed off and decode inserted
-
-
-@dataclass(frozen=True)
-class _Placement:
-    replica: int
-    hit: list[int]  # the cached pages of its prefix there
-    local: bool  # prefill it on the decode replica
-
+from jdisagg.routing import Placement, place
+from jdisagg.schedule_types import ChunkPlan, Counters, Emission, SchedulerConfig, StepPlan, TokenSample
 
 Liveness = Callable[[str, int], bool]  # (role, replica index) -> can it take work now
 
@@ -228,35 +150,12 @@ class Scheduler:
             self._reserve(request, placement)
         return jobs
 
-    def _place(self, request: Request) -> _Placement | None:
-        """Where ``request`` prefills and decodes (the rule is in the module docstring); None: no live
-        replica has the pages now. The cached prefix is capped so that at least one token is computed."""
-        page_size = self.config.page_size
-        length = len(request.all_ids)
-        total = pages_needed(length + 1, page_size)
-        keys = []
-        if self.config.prefix_cache:
-            keys = extend_page_keys(request.page_keys, request.all_ids, page_size)
-            keys = keys[: (length - 1) // page_size]
-        options = []  # (pages left after taking it, replica, hit)
-        for index, pool in self.kv.pools.items():
-            if not self._alive("decode", index):
-                continue
-            hit = self.kv.lookup(index, keys) if keys else []
-            left = pool.free - pool.evictable_among(hit) - (total - len(hit))
-            if left >= 0:
-                options.append((left, index, hit))
-        if not options:
-            return None
-        roomiest = max(options, key=lambda o: (o[0], -o[1]))
-        left, index, hit = max(options, key=lambda o: (len(o[2]), o[0], -o[1]))
-        if left < CACHE_AFFINITY_LOAD_RATIO * roomiest[0]:
-            left, index, hit = roomiest
-        config = self.config
-        uncached = length - len(hit) * page_size
-        return _Placement(index, hit, config.prefills_locally and uncached <= config.local_prefill_tokens)
+    def _place(self, request: Request) -> Placement | None:
+        """Where ``request`` prefills and decodes (``jdisagg.routing``); None: no replica has room now."""
+        live = {i: pool for i, pool in self.kv.pools.items() if self._alive("decode", i)}
+        return place(request, self.config, self.kv, live)
 
-    def _reserve(self, request: Request, placement: _Placement) -> None:
+    def _reserve(self, request: Request, placement: Placement) -> None:
         """Give ``request`` its cached prefix and new pages for the rest of its prompt and first token."""
         replica, hit = placement.replica, placement.hit
         length = len(request.all_ids)

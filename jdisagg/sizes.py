@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from jdisagg.buckets import power_of_two_buckets
 from jdisagg.models.config import ModelConfig
-from jdisagg.programs import power_of_two_buckets
 
 DEFAULT_PREFILL_CHUNK = 512  # tokens; a chunk scores 512 x 512 keys at a time: 1 MiB of float32 per head
 # With the model's own context (possibly 128k) and no KV budget (CPU), each batch slot gets this many tokens

@@ -20,6 +20,7 @@ to the output thread in the order they were decided. Device work runs outside th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -146,6 +147,24 @@ class Stages:
                 for index, local in self.scheduler.local.items():
                     if local and self.inboxes[index].empty():
                         self.inboxes[index].put(_WAKE)
+
+    def stats(self) -> dict[str, Any]:
+        """Pages, queue depths, live requests and the scheduler's counters, read under the lock."""
+        with self.lock:
+            scheduler = self.scheduler
+            return {
+                "pages_used": scheduler.pages_used(),
+                "pages_total": scheduler.pages_total(),
+                "queue_depth": {
+                    "waiting": len(scheduler.waiting),
+                    "transfer": self.transfers.qsize(),
+                    "decode_inbox": sum(q.qsize() for q in self.inboxes.values()),
+                },
+                "live": len(scheduler.live),
+                "pages_cached": scheduler.pages_cached(),
+                "evictions": scheduler.evictions(),
+                **dataclasses.asdict(scheduler.counters),
+            }
 
     def update_gauges(self) -> None:
         s, m = self.scheduler, self.metrics

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jdisagg.buckets import plan_prefill_calls
 from jdisagg.compile_counter import cache_hit_count, compile_count
 from jdisagg.executors import PromptInput, SamplingRow
 from jdisagg.meshes import build_layout
 from jdisagg.models.demo import DEMO_CONFIG, load_demo_model
-from jdisagg.programs import plan_prefill_calls
 from jdisagg.replicas import build_prefill_replica
 from jdisagg.sizes import plan_sizes
 
