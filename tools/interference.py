@@ -6,7 +6,10 @@ Same hardware budget (the CPU cores given by ``--cores``, default all of them), 
 set-ups of the built-in demo model:
 
 - colocated: one ``jdisagg launch --colocate`` process on every core of the budget; prefill and decode
-  share one device and the engine's scheduler interleaves them.
+  share one device, and prompts are prefilled on the decode replica in chunks interleaved with decode
+  steps under a per-step token budget (chunked prefill, the strongest aggregated baseline).
+- colocated-unchunked: the same with ``--local-prefill-tokens 0``: each prompt is one prefill program
+  between decode steps (what the earlier runs of this experiment compared against).
 - disaggregated: ``jdisagg launch --processes`` with the prefill worker pinned to the first half of the
   cores and the decode worker to the second half (the front, which only schedules, may run anywhere in
   the budget).
@@ -48,6 +51,8 @@ def start_server(setup: str, cores: list[int], port: int, metrics_port: int, max
                str(max_batch), "--http-port", "0", "--no-progress"]
     if setup == "colocated":
         command.append("--colocate")
+    elif setup == "colocated-unchunked":
+        command += ["--colocate", "--local-prefill-tokens", "0"]
     else:
         half = max(1, len(cores) // 2)
         command += ["--processes", "--prefill-cpus", cpu_list(cores[:half]),
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=16, help="decode batch (default: %(default)s)")
     parser.add_argument("--slo-ttft", type=float, default=3000.0, help="TTFT SLO, ms (default: %(default)s)")
     parser.add_argument("--slo-tpot", type=float, default=60.0, help="TPOT SLO, ms (default: %(default)s)")
-    parser.add_argument("--setups", default="colocated,disaggregated")
+    parser.add_argument("--setups", default="colocated,colocated-unchunked,disaggregated")
     args = parser.parse_args(argv)
 
     from jdisagg.workers.worker import parse_cpus
@@ -142,7 +147,7 @@ def plot(results: list[dict], path: Path, slo_tpot: float) -> None:
     for setup, fraction in keys:
         points = sorted((r for r in results if r["setup"] == setup and r["long_fraction"] == fraction),
                         key=lambda r: r["rate"])
-        style = "-o" if setup == "disaggregated" else "--s"
+        style = {"disaggregated": "-o", "colocated": "--s"}.get(setup, ":^")
         label = f"{setup}, {fraction:.0%} long"
         p99 = [(r["tpot_ms"] or {}).get("p99", float("nan")) for r in points]
         left.plot([r["rate"] for r in points], p99, style, label=label)
