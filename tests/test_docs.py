@@ -433,8 +433,12 @@ def test_every_import_is_declared():
 def test_readme_metrics_table_lists_every_metric():
     """Each row: name, type, unit; the names and types are what the engine exports."""
     from jdisagg.metrics import EngineMetrics
+    from jdisagg.scheduler import Scheduler, SchedulerConfig
 
     metrics = EngineMetrics("m", lambda: 0)
+    # The scheduler's totals (prefix cache, local vs remote prefills) are exported once an engine's
+    # scheduler is watched, as every engine does at start.
+    metrics.watch_scheduler(Scheduler(SchedulerConfig(16, 1, 32), prefill_replicas=[0], decode_pages={0: 4}))
     exported = {}
     for family in metrics.registry.collect():
         suffix = "_total" if family.type == "counter" else ""
