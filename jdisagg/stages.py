@@ -322,11 +322,13 @@ class Stages:
     def _prefill_locally(self, replica: DecodeExecutor, chunks: Sequence[ChunkPlan]) -> None:
         """Run a step's local-prefill chunks (blocking) and pass each one's end and sample on."""
         self._scheduled([c.request for c in chunks])
-        sampled = replica.prefill_local([
-            LocalChunk(c.request.all_ids[c.start : c.end], c.start, self.scheduler.pages_of(c.request),
+        # Page lists are the scheduler's state: read them under its lock, like every other decision.
+        inputs = self.call(lambda: [
+            LocalChunk(c.request.all_ids[c.start : c.end], c.start, list(self.scheduler.pages_of(c.request)),
                        c.request.sampling, c.request.next_forced)
             for c in chunks
         ])
+        sampled = replica.prefill_local(inputs)
         for chunk, sample in zip(chunks, token_samples(sampled, [c.request for c in chunks]), strict=True):
             self.call(self.scheduler.chunk_done, chunk.request, chunk.end, sample)
 
