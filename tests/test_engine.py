@@ -6,14 +6,12 @@ loading. Heads are 8 query / 2 kv: with tp=4 the kv heads are replicated, with t
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from dense_reference import dense_greedy
 
 from jdisagg.compile_counter import cache_hit_count, compile_count
 from jdisagg.engine import Engine
@@ -51,24 +49,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """Greedy continuation by a dense, unpaged forward on one device (recomputes the whole prefix)."""
-    graphdef, state = nnx.split(load_hf_model(checkpoint))
-
-    @jax.jit
-    def next_token(state, tokens, length):
-        model = nnx.merge(graphdef, state)
-        logits = model(tokens[None], jnp.arange(MAX_CONTEXT, dtype=jnp.int32)[None])
-        return jnp.argmax(logits[0, length - 1])
-
-    @functools.cache
-    def generate(prompt: tuple[int, ...], n: int) -> list[int]:
-        ids = list(prompt)
-        for _ in range(n):
-            padded = np.zeros(MAX_CONTEXT, np.int32)
-            padded[: len(ids)] = ids
-            ids.append(int(next_token(state, padded, len(ids))))
-        return ids[len(prompt) :]
-
-    return generate
+    return dense_greedy(checkpoint, MAX_CONTEXT)
 
 
 def _prompts(lengths, seed=0):

@@ -9,17 +9,13 @@ one device, where every prompt is prefilled locally in chunks.
 
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from dense_reference import dense_greedy
 
 from jdisagg.engine import Engine
 from jdisagg.models import ModelConfig
-from jdisagg.models.loading import init_model, load_hf_model, save_hf_safetensors
+from jdisagg.models.loading import init_model, save_hf_safetensors
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.tokenizer import ByteTokenizer
 
@@ -54,23 +50,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """Greedy continuation by a dense forward on one device over the whole sequence, every token."""
-    graphdef, state = nnx.split(load_hf_model(checkpoint))
-
-    @jax.jit
-    def next_token(state, tokens, length):
-        logits = nnx.merge(graphdef, state)(tokens[None], jnp.arange(MAX_CONTEXT, dtype=jnp.int32)[None])
-        return jnp.argmax(logits[0, length - 1])
-
-    @functools.cache
-    def generate(prompt: tuple[int, ...], n: int) -> list[int]:
-        ids = list(prompt)
-        for _ in range(n):
-            padded = np.zeros(MAX_CONTEXT, np.int32)
-            padded[: len(ids)] = ids
-            ids.append(int(next_token(state, padded, len(ids))))
-        return ids[len(prompt) :]
-
-    return generate
+    return dense_greedy(checkpoint, MAX_CONTEXT)
 
 
 @pytest.fixture(scope="module")
