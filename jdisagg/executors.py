@@ -105,10 +105,11 @@ class DecodeExecutor(Executor, Protocol):
 
     def discard(self, staged: Any) -> None: ...
 
-    def prefill_local(self, chunks: Sequence[LocalChunk]) -> Sampled:
-        """Run the chunks (a forward over each chunk's tokens attending to its earlier KV in pages, writing
-        the chunk's KV into its pages) and return, per chunk, the token sampled after its last token, as
-        host arrays. Only a prompt's final chunk's sample is used. Blocks until done."""
+    def prefill_local(self, chunks: Sequence[LocalChunk]) -> Any:
+        """Queue the chunks (a forward over each chunk's tokens attending to its earlier KV in pages, writing
+        the chunk's KV into its pages) behind what is queued already; ``collect`` of the handle returned
+        gives, per chunk in order, the token sampled after its last token. Only a prompt's final chunk's
+        sample is used."""
         ...
 
     def dispatch(
@@ -124,7 +125,7 @@ class DecodeExecutor(Executor, Protocol):
         ...
 
     def collect(self, handle: Any) -> Sampled:
-        """The step's sampled rows as host arrays (blocks until it has run)."""
+        """A step's (or local chunks') sampled rows as host arrays (blocks until they have run)."""
         ...
 
     def reset_pools(self) -> None:

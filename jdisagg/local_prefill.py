@@ -6,11 +6,16 @@ next to its KV than to prefill and hand off (conditional disaggregation), and in
 chunks interleave with decode steps (chunked prefill). The scheduler decides which prompts run here and
 cuts them into ``LocalChunk``s; this module runs them.
 
-One program shape per call size: ``prefill_local[N, C]`` (``jdisagg.programs``) for chunks of at most C
-tokens, padded, with a page table as wide as the context, for N = 1 and N = ``batch`` chunks per call. Its
-attention loop visits only the key blocks a chunk can see (a dynamic trip count), so a chunk at the start of
-a sequence costs one block, not the context. A call of several chunks uses the N-row program only when at
-least half its rows are real (``MAX_BATCH_PADDING``, as batched prefill); otherwise chunks run one by one.
+One program shape per call size and chunk length: ``prefill_local[N, C]`` (``jdisagg.programs``) for
+chunks of at most C tokens, padded, with a page table as wide as the context, for N = 1 and N = ``batch``
+chunks per call and C in ``chunk_lengths`` (the longest chunk and its quarters down to 8 tokens). Why
+several lengths: on a compute-bound device a padding token costs what a real one does, and a 20-token chat
+prompt padded to a 256-token chunk made colocated chunked prefill 3x slower than no chunking at all
+(docs/benchmarks.md). Keys are read in blocks of the longest chunk whatever C is, so every length shares
+one page-table width. The attention loop visits only the key blocks a chunk can see (a dynamic trip
+count), so a chunk at the start of a sequence costs one block, not the context. Chunks of one length share
+a call of N rows only when at least half its rows are real (``MAX_BATCH_PADDING``, as batched prefill);
+otherwise they run one by one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jdisagg.buckets import MAX_BATCH_PADDING
+from jdisagg.buckets import MAX_BATCH_PADDING, bucket_for
 from jdisagg.executors import CompileTask, LocalChunk, Sampled
 from jdisagg.kv_cache import KVPools
 from jdisagg.kv_manager import SCRATCH_PAGE
@@ -32,6 +37,7 @@ from jdisagg.sizes import ServingSizes
 
 DEFAULT_LOCAL_CHUNK = 256  # tokens per local chunk unless the prefill chunk is smaller
 DEFAULT_LOCAL_BATCH = 4  # chunks per prefill_local call (the largest decode batch bucket up to this)
+SHORTEST_LOCAL_CHUNK = 8  # tokens; chunk lengths are the longest and its quarters down to this
 
 
 def local_shape(sizes: ServingSizes) -> tuple[int, int]:
@@ -41,6 +47,16 @@ def local_shape(sizes: ServingSizes) -> tuple[int, int]:
     measures the program at this shape."""
     batch = max(b for b in sizes.batch_buckets if b <= DEFAULT_LOCAL_BATCH)
     return batch, min(sizes.chunk, max(DEFAULT_LOCAL_CHUNK, sizes.page_size))
+
+
+def chunk_lengths(longest: int) -> tuple[int, ...]:
+    """The chunk lengths local prefill compiles for, shortest first: ``longest`` and its quarters while they
+    stay whole and at least ``SHORTEST_LOCAL_CHUNK`` tokens (256 -> 16, 64, 256). Quarters, not halves: a
+    chunk computes at most 4x its tokens, with half the programs to compile."""
+    lengths = [longest]
+    while lengths[-1] % 4 == 0 and lengths[-1] // 4 >= SHORTEST_LOCAL_CHUNK:
+        lengths.append(lengths[-1] // 4)
+    return tuple(reversed(lengths))
 
 
 class LocalPrefill:
@@ -55,27 +71,30 @@ class LocalPrefill:
         self.chunk, self.batch, self.page_size, self.max_pages = chunk, batch, page_size, max_pages
         self.mesh, self._graphdef, self._state = mesh, graphdef, state
         self._stored_heads, self._sample = stored_heads, sample
-        blocks = chunk // page_size  # pages per key block: the table is read in whole blocks
+        self.lengths = chunk_lengths(chunk)
+        blocks = chunk // page_size  # pages per key block (of the longest chunk): the table is read in blocks
         self.table_width = -(-max_pages // blocks) * blocks
-        self._compiled: dict[int, jax.stages.Compiled] = {}
+        self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}  # (rows, length) -> program
 
     @property
     def call_sizes(self) -> tuple[int, ...]:
         return (1, self.batch) if self.batch > 1 else (1,)
 
     def compile_tasks(self, owner: str, pools: Callable[[], KVPools]) -> list[CompileTask]:
-        """One task per call size; ``pools`` gives the replica's pools (their shapes and shardings)."""
+        """One task per call size and chunk length; ``pools`` gives the replica's pools (their shapes and
+        shardings)."""
 
-        def task(batch: int) -> Callable[[], None]:
+        def task(batch: int, length: int) -> Callable[[], None]:
             def run() -> None:
-                self._compiled[batch] = compile_local_prefill(
-                    self._graphdef, self._state, pools(), self.mesh, batch, self.chunk, self.table_width,
-                    self.page_size, self._stored_heads,
+                self._compiled[batch, length] = compile_local_prefill(
+                    self._graphdef, self._state, pools(), self.mesh, batch, length, self.table_width,
+                    self.page_size, self._stored_heads, self.chunk // self.page_size,
                 )
 
             return run
 
-        return [(f"prefill_local[{owner}] batch {n} len {self.chunk}", task(n)) for n in self.call_sizes]
+        return [(f"prefill_local[{owner}] batch {n} len {length}", task(n, length))
+                for length in self.lengths for n in self.call_sizes]
 
     def check(self, chunk: LocalChunk) -> None:
         """Refuse a chunk the programs cannot run (``ValueError`` naming what is wrong)."""
@@ -92,27 +111,31 @@ class LocalPrefill:
 
     def __call__(
         self, pools: KVPools, chunks: Sequence[LocalChunk]
-    ) -> tuple[KVPools, list[tuple[int, Sampled]]]:
-        """Dispatch every chunk (asynchronously, after checking them all): the new pools and, per program
-        call, how many of its rows are real and its sampled rows on device, in the order of ``chunks``.
-        Chunks of one call must belong to different sequences: a chunk sees only the KV written before
-        its call."""
+    ) -> tuple[KVPools, list[tuple[list[int], Sampled]]]:
+        """Dispatch every chunk (asynchronously, after checking them all), grouped by chunk length: the new
+        pools and, per program call, the indices in ``chunks`` of its real rows (its first rows) and its
+        sampled rows on device. Chunks of one call must belong to different sequences: a chunk sees only
+        the KV written before its call."""
         for chunk in chunks:
             self.check(chunk)
         firsts = [chunk.pages[chunk.start // self.page_size] for chunk in chunks]
         if len(set(firsts)) < len(firsts):
             raise ValueError("two chunks of one prefill_local call write into the same page: chunks of one "
                              "sequence must run in calls of their own, in order")
-        sampled, rest = [], list(chunks)
-        while rest:
-            rows = self.batch if self.batch > 1 and self.batch <= MAX_BATCH_PADDING * len(rest) else 1
-            group, rest = rest[:rows], rest[rows:]
-            pools, out = self._run(pools, group, rows)
-            sampled.append((len(group), out))
+        sampled = []
+        for length in self.lengths:
+            rest = [i for i, c in enumerate(chunks) if bucket_for(len(c.token_ids), self.lengths) == length]
+            while rest:
+                rows = self.batch if self.batch > 1 and self.batch <= MAX_BATCH_PADDING * len(rest) else 1
+                group, rest = rest[:rows], rest[rows:]
+                pools, out = self._run(pools, [chunks[i] for i in group], rows, length)
+                sampled.append((group, out))
         return pools, sampled
 
-    def _run(self, pools: KVPools, chunks: Sequence[LocalChunk], rows: int) -> tuple[KVPools, Sampled]:
-        tokens = np.zeros((rows, self.chunk), np.int32)
+    def _run(
+        self, pools: KVPools, chunks: Sequence[LocalChunk], rows: int, length: int
+    ) -> tuple[KVPools, Sampled]:
+        tokens = np.zeros((rows, length), np.int32)
         starts = np.zeros((rows,), np.int32)
         lengths = np.zeros((rows,), np.int32)  # padding rows: no real token, every page the scratch page
         table = np.full((rows, self.table_width), SCRATCH_PAGE, np.int32)
@@ -122,7 +145,7 @@ class LocalPrefill:
             table[row, : len(chunk.pages)] = chunk.pages
         replicated = NamedSharding(self.mesh, PartitionSpec())
         args = (jax.device_put(x, replicated) for x in (tokens, starts, lengths, table))
-        logits, pools = self._compiled[rows](self._state, pools, *args)
+        logits, pools = self._compiled[rows, length](self._state, pools, *args)
         positions = [c.start + len(c.token_ids) for c in chunks]  # each sampled token's position
         sampled = self._sample(logits, [c.sampling for c in chunks], positions, [c.forced for c in chunks])
         return pools, sampled

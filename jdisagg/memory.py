@@ -209,5 +209,5 @@ def decode_workspace(
     chunks, tokens = local_prefill
     blocks = tokens // sizes.page_size  # the table width the local program reads, in whole key blocks
     local = compile_local_prefill(graphdef, state, pools, mesh, chunks, tokens,
-                                  -(-sizes.max_pages // blocks) * blocks, sizes.page_size, stored)
+                                  -(-sizes.max_pages // blocks) * blocks, sizes.page_size, stored, blocks)
     return max(workspace_bytes(compiled), workspace_bytes(local))

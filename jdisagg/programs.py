@@ -447,12 +447,13 @@ def compile_local_prefill(
     table_width: int,
     page_size: int,
     stored_heads: int,
+    pages_per_block: int,
 ) -> jax.stages.Compiled:
-    """``local_prefill_fn`` for ``batch`` chunks of ``chunk`` tokens (key blocks of one chunk's length);
-    the pools are donated, as decode's."""
+    """``local_prefill_fn`` for ``batch`` chunks of ``chunk`` tokens, keys read ``pages_per_block`` pages at
+    a time; the pools are donated, as decode's."""
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
-        functools.partial(local_prefill_fn, graphdef, mesh, page_size, stored_heads, chunk // page_size),
+        functools.partial(local_prefill_fn, graphdef, mesh, page_size, stored_heads, pages_per_block),
         out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
         donate_argnums=(1,),
     )

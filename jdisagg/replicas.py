@@ -35,8 +35,8 @@ from jdisagg.sampler import Sampler
 from jdisagg.sizes import ServingSizes
 
 __all__ = [
-    "DecodeReplica", "InFlightStep", "ModelShape", "PrefillReplica", "Sampler", "build_decode_replica",
-    "build_prefill_replica", "handoff_sharding", "model_shape", "place_params",
+    "DecodeReplica", "InFlightChunks", "InFlightStep", "ModelShape", "PrefillReplica", "Sampler",
+    "build_decode_replica", "build_prefill_replica", "handoff_sharding", "model_shape", "place_params",
 ]
 
 
@@ -46,6 +46,23 @@ class InFlightStep:
 
     rows: int
     sampled: Sampled
+
+    def host(self) -> Sampled:
+        return Sampled(*(np.asarray(x)[: self.rows] for x in self.sampled))
+
+
+@dataclass(frozen=True)
+class InFlightChunks:
+    """Dispatched local-prefill calls: per call, the indices of its real rows among the chunks given (its
+    first rows) and its sampled rows, still on device. Calls run grouped by chunk length, so ``host``
+    puts the rows back in the order the chunks were given."""
+
+    calls: list[tuple[list[int], Sampled]]
+
+    def host(self) -> Sampled:
+        rows = [[np.asarray(x)[: len(indices)] for x in sampled] for indices, sampled in self.calls]
+        order = np.argsort(np.concatenate([indices for indices, _ in self.calls]))
+        return Sampled(*(np.concatenate(column)[order] for column in zip(*rows, strict=True)))
 
 
 class DecodeReplica:
@@ -172,15 +189,14 @@ class DecodeReplica:
             self.pools = self._insert[length](self.pools, k, v, _put(self.mesh, ids))
             offset += len(ids)
 
-    def prefill_local(self, chunks: Sequence[LocalChunk]) -> Sampled:
-        """Prefill ``chunks`` here (``jdisagg.local_prefill``): each chunk's KV is written into its pages and
-        the token after its last one sampled; the rows as host arrays, in order. Blocks until done.
+    def prefill_local(self, chunks: Sequence[LocalChunk]) -> InFlightChunks:
+        """Queue ``chunks`` here (``jdisagg.local_prefill``) and return at once: each chunk's KV is written
+        into its pages and the token after its last one sampled (``collect`` reads them, in order).
         Chunks of one call belong to different sequences."""
         if self._local is None:
             raise ValueError(f"decode replica {self.index} has no local prefill programs (local_chunk is 0)")
         self.pools, calls = self._local(self.pools, chunks)
-        rows = [[np.asarray(x)[:real] for x in sampled] for real, sampled in calls]
-        return Sampled(*(np.concatenate(column) for column in zip(*rows, strict=True)))
+        return InFlightChunks(calls)
 
     overlaps = True  # dispatch returns before the step has run: the engine may queue the next one behind it
 
@@ -217,9 +233,9 @@ class DecodeReplica:
         return InFlightStep(n, self._sample(logits, sampling, [p + 1 for p in positions], forced))
 
     @staticmethod
-    def collect(step: InFlightStep) -> Sampled:
-        """The step's sampled rows as host arrays (blocks until it has run)."""
-        return Sampled(*(np.asarray(x)[: step.rows] for x in step.sampled))
+    def collect(handle: InFlightStep | InFlightChunks) -> Sampled:
+        """A step's (or local chunks') sampled rows as host arrays (blocks until they have run)."""
+        return handle.host()
 
     def step(
         self,

@@ -285,15 +285,17 @@ class Scheduler:
         else:
             self.finish(request, finish or request.cancel)
 
-    def plan_ahead(self, replica: int, inflight: Sequence[Request]) -> list[Request] | None:
-        """Rows for a step dispatched behind the one in flight (its tokens feed this one on device), when
-        nothing about the batch must change first: the same rows in the same order, none forced, none that
-        the in-flight token ends by length, and a page for each row's next token without preempting."""
+    def plan_ahead(self, replica: int, inflight: Sequence[Request]) -> StepPlan | None:
+        """A step dispatched behind the one in flight (its tokens feed this one on device), when nothing
+        about the batch must change first: the same rows in the same order, none forced, none that the
+        in-flight token ends by length, and a page for each row's next token without preempting. The
+        replica's local prefills get their chunks as with ``plan_step``: chunked prefill keeps the device
+        as busy as plain decoding does."""
         self._admit(replica)
         if self.config.prefills_locally:
             self._take_waiting(remote=False)
         running = self.running[replica]
-        if list(inflight) != running or self.local[replica]:  # local chunks run with a planned step
+        if list(inflight) != running:
             return None
         for request in running:
             if request.forced_ids or len(request.output_ids) + 1 >= request.params.max_tokens:
@@ -309,7 +311,7 @@ class Scheduler:
                     self.kv.allocate(request.id, replica, need)
                 except OutOfPages:
                     return None
-        return list(running)
+        return StepPlan(list(running), [], self._plan_chunks(replica))
 
     def _age(self, request: Request) -> int:
         return self._admitted[request.id]

@@ -264,11 +264,15 @@ class Stages:
                 return
             try:
                 if inflight is not None:
-                    rows = self.call(s.plan_ahead, index, inflight.rows) if replica.overlaps else None
-                    ahead = _Step(self._dispatch(replica, rows, inflight), rows) if rows else None
+                    plan = self.call(s.plan_ahead, index, inflight.rows) if replica.overlaps else None
+                    # Chunks queue before the step ahead: their samples are ready while it still runs.
+                    chunks = self._prefill_locally(replica, plan.chunks) if plan and plan.chunks else None
+                    ahead = _Step(self._dispatch(replica, plan.rows, inflight), plan.rows) if plan else None
                     sampled = replica.collect(inflight.handle)
                     applied = self.call(s.step_done, inflight.rows, token_samples(sampled, inflight.rows))
                     self.metrics.generation_tokens.inc(applied)
+                    if chunks is not None:
+                        self._chunks_done(replica, *chunks)
                     inflight = ahead
                     continue
                 plan = self.call(s.plan_step, index)
@@ -285,7 +289,7 @@ class Stages:
                 if plan.rows:
                     inflight = _Step(self._dispatch(replica, plan.rows, None), plan.rows)
                 if plan.chunks:  # queued on device behind the step's rows
-                    self._prefill_locally(replica, plan.chunks)
+                    self._chunks_done(replica, *self._prefill_locally(replica, plan.chunks))
             except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
                 log.exception("decode replica %d failed", index)
                 self.call(s.replica_failed, index, *_failure(exc))
@@ -319,8 +323,10 @@ class Stages:
         except queue.Empty:
             return True
 
-    def _prefill_locally(self, replica: DecodeExecutor, chunks: Sequence[ChunkPlan]) -> None:
-        """Run a step's local-prefill chunks (blocking) and pass each one's end and sample on."""
+    def _prefill_locally(
+        self, replica: DecodeExecutor, chunks: Sequence[ChunkPlan]
+    ) -> tuple[Sequence[ChunkPlan], Any]:
+        """Queue a step's local-prefill chunks on the replica: the chunks and their in-flight handle."""
         self._scheduled([c.request for c in chunks])
         # Page lists are the scheduler's state: read them under its lock, like every other decision.
         inputs = self.call(lambda: [
@@ -328,7 +334,11 @@ class Stages:
                        c.request.sampling, c.request.next_forced)
             for c in chunks
         ])
-        sampled = replica.prefill_local(inputs)
+        return chunks, replica.prefill_local(inputs)
+
+    def _chunks_done(self, replica: DecodeExecutor, chunks: Sequence[ChunkPlan], handle: Any) -> None:
+        """Wait for queued chunks and pass each one's end and sample on."""
+        sampled = replica.collect(handle)
         for chunk, sample in zip(chunks, token_samples(sampled, [c.request for c in chunks]), strict=True):
             self.call(self.scheduler.chunk_done, chunk.request, chunk.end, sample)
 

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdisagg.executors import LocalChunk, PromptInput, SamplingRow
+from jdisagg.local_prefill import chunk_lengths
 from jdisagg.meshes import TP_AXIS
 from jdisagg.models import ModelConfig
 from jdisagg.models.chunk_attention import chunk_attention, paged_chunk_attention
@@ -54,7 +55,7 @@ def replicas():
     for replica in (prefill, *decode.values()):
         for _, compile_program in replica.compile_tasks():
             compile_program()
-    assert decode["tp2"].local_chunk == 32
+    assert decode["tp2"].local_chunk == 32 and chunk_lengths(32) == (8, 32)  # two lengths compiled
     return prefill, decode
 
 
@@ -94,6 +95,11 @@ def _assert_same_sample(got, want, row: int = 0, num_top: int = 3) -> None:
     np.testing.assert_allclose(top_logprobs[row, :num_top], want[3][0, :num_top], atol=1e-4)
 
 
+def test_chunk_lengths_are_the_longest_and_its_quarters():
+    assert chunk_lengths(256) == (16, 64, 256)
+    assert chunk_lengths(32) == (8, 32) and chunk_lengths(24) == (24,) and chunk_lengths(8) == (8,)
+
+
 @pytest.mark.parametrize("mesh", ["tp2", "tp4"])
 @pytest.mark.parametrize("split", [[30], [13, 17], [5, 12, 13]])
 def test_local_prefill_in_chunks_equals_prefill_and_insert(replicas, mesh, split):
@@ -112,13 +118,13 @@ def test_local_prefill_in_chunks_equals_prefill_and_insert(replicas, mesh, split
     start, got = 0, []
     for i, n in enumerate(split):
         chunks = [LocalChunk(a[start : start + n], start, pages_a, GREEDY_TOP)]
-        if i == 0:
-            chunks.append(LocalChunk(b, 0, pages_b, SEEDED, forced=42))
-        got.append(decode[mesh].prefill_local(chunks))
+        if i == 0:  # B first: a 5-token chunk of A runs in a call of its own length, after B's
+            chunks.insert(0, LocalChunk(b, 0, pages_b, SEEDED, forced=42))
+        got.append(decode[mesh].collect(decode[mesh].prefill_local(chunks)))
         start += n
-    _assert_same_sample(got[-1], want_a, row=0)
-    _assert_same_sample(got[0], want_b, row=1, num_top=0)
-    assert got[0].tokens[1] == 42
+    _assert_same_sample(got[-1], want_a, row=1 if len(split) == 1 else 0)
+    _assert_same_sample(got[0], want_b, row=0, num_top=0)
+    assert got[0].tokens[0] == 42
     _assert_same_kv(_kv_in_pages(decode[mesh], pages_a, 0, 30), kv_a)
     _assert_same_kv(_kv_in_pages(decode[mesh], pages_b, 0, 27), kv_b)
 
@@ -145,7 +151,7 @@ def test_cached_prefix_with_a_local_suffix_continues_as_the_full_prefill(replica
     prefix_pages = [9, 10, 11]
     _handoff(prefill, replica, PromptInput(prompt[:24], GREEDY_TOP), prefix_pages)
     pages = prefix_pages + [12, 13, 14, 15, 16]
-    got = replica.prefill_local([LocalChunk(prompt[24:], 24, pages, GREEDY_TOP)])
+    got = replica.collect(replica.prefill_local([LocalChunk(prompt[24:], 24, pages, GREEDY_TOP)]))
     _assert_same_sample(got, want)
     assert _greedy_continuation(replica, int(got.tokens[0]), 45, pages, 12) == expected
 

@@ -320,6 +320,27 @@ def test_a_short_uncached_remainder_prefills_locally_in_chunks_under_the_step_bu
     s.check()
 
 
+def test_a_step_runs_ahead_while_local_chunks_are_pending_and_carries_the_next_chunks():
+    s = _scheduler(local=8, chunk=4, budget=6)
+    first = _request(SYSTEM + [1])
+    _decode(s, first)
+    rows = s.plan_step(0).rows
+    a = _request(SYSTEM + [2, 3, 4, 5, 6, 7])  # 6 uncached tokens: local, in chunks of 4
+    s.add(a)
+    assert s.next_prefill() == []
+    ahead = s.plan_ahead(0, rows)  # behind the step in flight: same rows, and a's first chunk
+    assert ahead.rows == [first] and ahead.chunks == [ChunkPlan(a, 12, 16)]
+    s.step_done(rows, [_tok()])
+    s.chunk_done(a, 16, _tok(33))
+    again = s.plan_ahead(0, ahead.rows)
+    assert again.rows == [first] and again.chunks == [ChunkPlan(a, 16, 18)]
+    s.step_done(ahead.rows, [_tok()])
+    s.chunk_done(a, 18, _tok(34))
+    assert a.stage is Stage.READY and a.output_ids == [34]
+    assert s.plan_ahead(0, again.rows) is None  # a joins the batch: the rows change, the step waits
+    s.check()
+
+
 def test_a_local_prefills_written_pages_are_cached_and_hit():
     s = _scheduler(local=64, chunk=8, budget=8)
     r = _request(SYSTEM + [1, 2, 3, 4, 5])  # 17 tokens, all local

@@ -250,7 +250,7 @@ def test_run_ahead_needs_the_same_rows_and_reserves_the_next_tokens_page():
     a, b = _request(3), _request(3)
     _running(s, a, b)
     rows = s.plan_step(0).rows
-    assert s.plan_ahead(0, rows) == rows
+    assert s.plan_ahead(0, rows).rows == rows
     assert len(s.pages_of(a)) == 2  # the step behind writes position 4
     assert s.plan_ahead(0, rows[::-1]) is None
 
@@ -540,11 +540,15 @@ def test_random_event_sequences_keep_the_pages_exactly_the_live_requests(seed, c
             rows = inflight[replica]
             if rows:
                 ahead = s.plan_ahead(replica, rows) if rng.random() < 0.5 else None
-                behind = [(r, s.pages_of(r), len(r.all_ids)) for r in ahead or []]
+                behind = [(r, s.pages_of(r), len(r.all_ids)) for r in ahead.rows] if ahead else []
+                for chunk in ahead.chunks if ahead else []:  # queued before the step ahead
+                    pools.write_tokens(s, chunk.request, chunk.start, chunk.end)
                 s.step_done(rows, [_tok(EOS if rng.random() < 0.03 else 7) for _ in rows])
                 for r, pages, position in behind:  # fed on device with the token just read
                     pools.write(replica, pages, position, r.all_ids[position])
-                inflight[replica] = ahead or []
+                for chunk in ahead.chunks if ahead else []:  # read after the step in flight
+                    s.chunk_done(chunk.request, chunk.end, _tok(rng.choice([EOS, 7, 7, 7])))
+                inflight[replica] = ahead.rows if ahead else []
             else:
                 plan = s.plan_step(replica)
                 for r in plan.rows:
