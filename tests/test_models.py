@@ -15,9 +15,13 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
-from jdisagg.models import Llama, ModelConfig, init_model, load_hf_model
+from jdisagg.meshes import PHASE_RULES, TP_AXIS, param_sharding_fn
+from jdisagg.models import Llama, ModelConfig, init_model, load_hf_model, save_hf_safetensors
 from jdisagg.models.demo import DEMO_CONFIG
+from jdisagg.models.fused import fuse_projections
+from jdisagg.models.llama import Fused
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -120,6 +124,53 @@ def test_prefill_then_decode_matches_dense_forward(hf_pair):
         logits, caches = _decode_step(graphdef, state, tokens[:, t], positions[:, t], caches)
         assert logits.shape == (batch, model.config.vocab_size) and logits.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(logits), dense[:, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "tp"), [("qwen2", 2), ("llama3-rope", 4), ("mistral", 1)])
+def test_fused_projections_serve_the_same_model_in_every_sharding(name, tp, tmp_path):
+    """q/k/v and gate/up fused after a sharded load: the kv-head-grouped layout keeps each device's heads
+    (TP2 splits the 2 kv heads, with Qwen2's biases), TP4 replicates the kv heads so q/k/v stay separate;
+    logits equal transformers' and the separate model's through prefill and decode (past Mistral's
+    window), and the model saves back to the checkpoint's exact tensors."""
+    hf_model = _hf_checkpoint(name, tmp_path / "ckpt")
+    separate = load_hf_model(tmp_path / "ckpt", progress=False)
+    config = separate.config
+    mesh = Mesh(np.array(jax.devices()[:tp]), (TP_AXIS,))
+    heads = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads}
+    model = fuse_projections(load_hf_model(tmp_path / "ckpt", shardings=param_sharding_fn(
+        mesh, PHASE_RULES["decode"], heads), progress=False), release=True)
+    assert model.fused == Fused(qkv=tp <= config.num_kv_heads, gate_up=True)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert mlp.gate_up_proj.kernel[...].shape == (config.hidden_size, 2, config.intermediate_size)
+    if model.fused.qkv:
+        group = config.num_heads // config.num_kv_heads
+        kernel = attn.qkv_proj.kernel[...]
+        assert kernel.shape == (config.hidden_size, config.num_kv_heads, group + 2, config.head_dim)
+        if tp > 1:
+            assert kernel.sharding.spec == PartitionSpec(None, TP_AXIS)
+            assert kernel.addressable_shards[0].data.shape[1] == config.num_kv_heads // tp
+        assert (attn.qkv_proj.bias is not None) == config.attention_bias
+    else:
+        assert attn.q_proj.kernel[...].sharding.spec == PartitionSpec(None, TP_AXIS)
+
+    batch, prompt, total = 2, 5, LENGTH
+    tokens, positions = _tokens(batch, total, config.vocab_size, seed=1)
+    dense = np.asarray(model(tokens, positions))
+    np.testing.assert_allclose(dense, _hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(dense, np.asarray(separate(tokens, positions)), atol=1e-5, rtol=0)
+    _, kvs = model.prefill(tokens[:, :prompt], positions[:, :prompt])
+    pad = ((0, 0), (0, total - prompt), (0, 0), (0, 0))
+    caches = [(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kvs]
+    graphdef, state = nnx.split(model)
+    for t in range(prompt, total):
+        logits, caches = _decode_step(graphdef, state, tokens[:, t], positions[:, t], caches)
+        np.testing.assert_allclose(np.asarray(logits), dense[:, t], atol=1e-5, rtol=0)
+
+    save_hf_safetensors(model, tmp_path / "saved")
+    for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(load_hf_model(tmp_path / "saved",
+                                                                                progress=False), nnx.Param)),
+                                      nnx.to_flat_state(nnx.state(separate, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]), err_msg=str(path))
 
 
 def test_prefill_padding_at_row_end_does_not_change_real_tokens():

@@ -10,6 +10,10 @@ Conventions:
   final norm and the LM head. So ``logits(prefill(...)[0])`` are the full logits.
 - Attribute names mirror HF (``layers/0/self_attn/q_proj/kernel``): the sharding rules and the loader
   match these paths. Linear kernels are ``[in, out]`` (HF weights transposed).
+- Serving fuses q/k/v and gate/up into one matmul each (``fused=True``, built from the separate weights by
+  ``jdisagg.models.fused``): at decode's small batches every projection is a memory-bound GEMV, and one
+  launch per layer reading one matrix beats three (or two) reading slices of it. Checkpoints, the sharding
+  rules and training keep the HF layout (``fused=False``).
 - RMSNorm statistics, attention scores and softmax are float32; everything else runs in the param dtype.
 - Sliding-window configs (Mistral, Qwen2) attend, in their windowed layers, to the last
   ``config.attention_window(layer)`` tokens only: prefill masks the rest, decode passes the window to
@@ -19,7 +23,7 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -35,31 +39,85 @@ C = TypeVar("C")
 Attend = Callable[..., tuple[jax.Array, C]]  # (q, k, v, cache, *, window) -> (out, cache)
 
 
+class Fused(NamedTuple):
+    """Which projections run as one matmul: q/k/v (``qkv``) and gate/up (``gate_up``)."""
+
+    qkv: bool
+    gate_up: bool
+
+
+UNFUSED = Fused(qkv=False, gate_up=False)
+
+
 def _linear(
     in_features: int, out_features: int, *, bias: bool, dtype: DTypeLike, rngs: nnx.Rngs
 ) -> nnx.Linear:
     return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
-class Attention(nnx.Module):
-    """q/k/v/o projections; the attending is done by the caller (dense in prefill, ``attend`` in decode)."""
+class QKVProjection(nnx.Module):
+    """q, k and v in one matmul: ``kernel [D, KVH, G + 2, hd]`` holds, for each kv head, its G = H / KVH
+    query heads, then its k head, then its v head (``bias [KVH, G + 2, hd]``).
 
-    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+    Grouped by kv head, so splitting the KVH axis over tensor parallelism gives each device the query heads
+    and the kv head they read, exactly as the separate q/k/v column splits do: the layout does not depend
+    on ``tp``. Values come from ``jdisagg.models.fused``; the zeros here only give the shapes.
+    """
+
+    def __init__(self, d: int, kvh: int, group: int, hd: int, *, bias: bool, dtype: DTypeLike) -> None:
+        self.group = group
+        self.kernel = nnx.Param(jnp.zeros((d, kvh, group + 2, hd), dtype))
+        self.bias = nnx.Param(jnp.zeros((kvh, group + 2, hd), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x [..., D]`` -> q ``[..., H, hd]`` (head ``k * G + g`` as in HF), k, v ``[..., KVH, hd]``."""
+        y = jnp.einsum("...d,dkgh->...kgh", x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        q = y[..., : self.group, :]
+        return q.reshape(*q.shape[:-3], -1, q.shape[-1]), y[..., self.group, :], y[..., self.group + 1, :]
+
+
+class GateUpProjection(nnx.Module):
+    """gate and up in one matmul: ``kernel [D, 2, F]`` (gate, then up). Splitting F over tensor parallelism
+    keeps each device's gate and up columns together, as the separate column splits do."""
+
+    def __init__(self, d: int, f: int, *, dtype: DTypeLike) -> None:
+        self.kernel = nnx.Param(jnp.zeros((d, 2, f), dtype))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        y = jnp.einsum("...d,dtf->...tf", x, self.kernel[...])
+        return y[..., 0, :], y[..., 1, :]
+
+
+class Attention(nnx.Module):
+    """q/k/v/o projections; the attending is done by the caller (dense in prefill, ``attend`` in decode).
+
+    ``fused``: q/k/v as one ``qkv_proj`` (``QKVProjection``) instead of ``q_proj``, ``k_proj``, ``v_proj``.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs, fused: bool = False) -> None:
         d, h, kvh, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
-        self.q_proj = _linear(d, h * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = _linear(d, kvh * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = _linear(d, kvh * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+        if fused:
+            self.qkv_proj = QKVProjection(d, kvh, h // kvh, hd, bias=config.attention_bias, dtype=dtype)
+        else:
+            self.q_proj = _linear(d, h * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+            self.k_proj = _linear(d, kvh * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
+            self.v_proj = _linear(d, kvh * hd, bias=config.attention_bias, dtype=dtype, rngs=rngs)
         self.o_proj = _linear(h * hd, d, bias=False, dtype=dtype, rngs=rngs)
 
     def qkv(
         self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x [..., D]`` -> q ``[..., H, hd]``, k, v ``[..., KVH, hd]``; q and k rotated to ``positions``."""
-        lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x)
+        else:
+            lead = x.shape[:-1]
+            q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+            k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def out(self, attended: jax.Array) -> jax.Array:
@@ -68,28 +126,36 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SiLU-gated feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """SiLU-gated feed-forward: ``down(silu(gate(x)) * up(x))``; ``fused``: gate and up as one
+    ``gate_up_proj`` (``GateUpProjection``)."""
 
-    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs, fused: bool = False) -> None:
         d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(d, f, bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = _linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+        if fused:
+            self.gate_up_proj = GateUpProjection(d, f, dtype=dtype)
+        else:
+            self.gate_proj = _linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+            self.up_proj = _linear(d, f, bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = _linear(f, d, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block, split around the attention so prefill and decode can attend differently."""
 
-    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs, fused: Fused) -> None:
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, fused=fused.qkv)
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype
         )
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs, fused=fused.gate_up)
 
     def qkv(
         self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray
@@ -124,16 +190,21 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
 class Llama(nnx.Module):
     """Llama-family causal LM implementing ``jdisagg.models.protocol.ServingModel``.
 
-    ``param_dtype`` defaults to ``config.dtype``; activations run in the param dtype.
+    ``param_dtype`` defaults to ``config.dtype``; activations run in the param dtype. ``fused`` says which
+    projections are one matmul (``jdisagg.models.fused.fuse_projections`` builds such a model).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype: DTypeLike | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype: DTypeLike | None = None,
+        fused: Fused = UNFUSED,
+    ) -> None:
         dtype = jnp.dtype(config.dtype if param_dtype is None else param_dtype)
         self.config = config
+        self.fused = fused
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
                                       rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+            [DecoderLayer(config, dtype=dtype, rngs=rngs, fused=fused) for _ in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=dtype)
         self.lm_head = (

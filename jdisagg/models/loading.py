@@ -32,6 +32,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from jdisagg.models.config import ModelConfig
+from jdisagg.models.fused import fuse_projections, separate_params
 from jdisagg.models.llama import Llama
 from jdisagg.models.naming import IGNORED_SUFFIXES, HFTensor, hf_tensor, keypath_param_path, param_path
 from jdisagg.models.safetensors_reader import INDEX_FILE, SINGLE_FILE, SafetensorsReader
@@ -61,9 +62,13 @@ class ModelSource:
     config: Any  # a ModelConfig, or the config of a module brought along
     description: str
     _load: Callable[[ShardingFn | None], nnx.Module]
+    owns_params: bool = True  # False for a module brought along: its arrays stay the caller's
 
-    def load(self, shardings: ShardingFn | None = None) -> nnx.Module:
-        return self._load(shardings)
+    def load(self, shardings: ShardingFn | None = None, *, fuse: bool = False) -> nnx.Module:
+        """The params in ``shardings``, in the checkpoint's layout; ``fuse``: with q/k/v and gate/up fused
+        into one matmul each where the shardings allow (``jdisagg.models.fused``), the layout to serve."""
+        module = self._load(shardings)
+        return fuse_projections(module, release=self.owns_params) if fuse else module
 
 
 def load_model(
@@ -139,7 +144,7 @@ def _module_source(module: nnx.Module, dtype: str) -> ModelSource:
 
         return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
 
-    return ModelSource(module.config, type(module).__name__, load)
+    return ModelSource(module.config, type(module).__name__, load, owns_params=False)
 
 
 def load_hf_model(
@@ -174,9 +179,9 @@ def save_hf_safetensors(model: Llama, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, dtype = {}, None
-    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for p, array in separate_params(model):
         target = hf_tensor(param_path(p))
-        value = np.asarray(jax.device_get(var[...]))
+        value = np.asarray(jax.device_get(array))
         tensors[target.name] = np.ascontiguousarray(value.T if target.transpose else value)
         dtype = value.dtype
     save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
@@ -186,7 +191,7 @@ def save_hf_safetensors(model: Llama, directory: str | Path) -> None:
 def save_checkpoint(model: Llama, path: str | Path) -> None:
     """Save params with orbax under ``path/state`` and the HF-format ``config.json`` next to them."""
     path = Path(path).absolute()
-    params = {p: var[...] for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = dict(separate_params(model))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / _STATE_DIR, _nested(params), force=True)
     _write_config(_with_dtype(model.config, next(iter(params.values())).dtype), path)
