@@ -133,16 +133,46 @@ def run_engine(module, tokenizer, batch_prompts, args, *, colocate: bool, label:
                   [o.token_ids for o in outputs])
 
 
-def run_plain_loop(module, batch_prompts, args) -> Result:
-    """Dense-cache decode with the same model code: one jitted prefill over the batch, one jitted step per
-    token whose output feeds the next step on device; the host reads the tokens once at the end."""
+def dense_decode_forward(graphdef, batch: int, total: int):
+    """The plain loop's forward: one token per row at one shared ``position`` over a dense KV cache
+    ``[batch, total, kv_heads, head_dim]`` per layer -> float32 logits and the updated caches.
+    (``tools/inspect_hlo.py`` lowers this too.)"""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    def forward(state, caches, tokens, position):
+        model = nnx.merge(graphdef, state)
+        rows, positions = jnp.arange(batch), jnp.full(batch, position, jnp.int32)
+
+        def attend(q, k, v, cache, window=None):
+            kc, vc = cache
+            kc, vc = kc.at[rows, positions].set(k), vc.at[rows, positions].set(v)
+            groups = q.shape[1] // kc.shape[2]
+            grouped = q.reshape(batch, kc.shape[2], groups, q.shape[-1])
+            scores = jnp.einsum("bkgd,bskd->bkgs", grouped, kc, preferred_element_type=jnp.float32)
+            visible = jnp.arange(total) <= position
+            scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf)
+            out = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(scores, -1).astype(vc.dtype), vc)
+            return out.reshape(q.shape), (kc, vc)
+
+        return model.decode(tokens, positions, caches, attend)
+
+    return forward
+
+
+def run_plain_loop(module, batch_prompts, args) -> Result:
+    """Dense-cache decode with the same model code: one jitted prefill over the batch, one jitted step per
+    token whose output feeds the next step on device; the host reads the tokens once at the end. Its
+    projections are fused as the engine serves them (``--separate-projections``: as the checkpoint)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jdisagg.models.fused import fuse_projections
     from jdisagg.sampling import sample_tokens
 
-    graphdef, state = nnx.split(module)
+    graphdef, state = nnx.split(module if args.separate_projections else fuse_projections(module))
     batch, length, steps = len(batch_prompts), args.prompt_len, args.output_len
     total = length + steps
     sampling = (jnp.full(batch, args.temperature, jnp.float32), jnp.zeros(batch, jnp.int32),
@@ -160,25 +190,13 @@ def run_plain_loop(module, batch_prompts, args) -> Result:
         first = sample_tokens(logits, *sampling, jnp.full(batch, length, jnp.int32), no_force, no_top).tokens
         return first, caches
 
+    forward = dense_decode_forward(graphdef, batch, total)
+
     @jax.jit
     def step(state, caches, tokens, position):
-        model = nnx.merge(graphdef, state)
-        rows, positions = jnp.arange(batch), jnp.full(batch, position, jnp.int32)
-
-        def attend(q, k, v, cache, window=None):
-            kc, vc = cache
-            kc, vc = kc.at[rows, positions].set(k), vc.at[rows, positions].set(v)
-            groups = q.shape[1] // kc.shape[2]
-            grouped = q.reshape(batch, kc.shape[2], groups, q.shape[-1])
-            scores = jnp.einsum("bkgd,bskd->bkgs", grouped, kc, preferred_element_type=jnp.float32)
-            visible = jnp.arange(total) <= position
-            scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf)
-            out = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(scores, -1).astype(vc.dtype), vc)
-            return out.reshape(q.shape), (kc, vc)
-
-        logits, caches = model.decode(tokens, positions, caches, attend)
-        nxt = sample_tokens(logits, *sampling, positions + 1, no_force, no_top).tokens
-        return nxt, caches
+        logits, caches = forward(state, caches, tokens, position)
+        nxt = sample_tokens(logits, *sampling, jnp.full(batch, position + 1, jnp.int32), no_force, no_top)
+        return nxt.tokens, caches
 
     tokens = jnp.asarray(batch_prompts, jnp.int32)
     first, caches = prefill(state, tokens)
@@ -544,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a persistent compile cache: engines after the first load their shared programs")
     p.add_argument("--attention-backend", default=None,
                    help="the Engine's paged-attention backend (default: by platform; 'reference' is XLA)")
+    p.add_argument("--separate-projections", action="store_true",
+                   help="the plain loop runs q/k/v and gate/up as separate matmuls (default: fused)")
     c = sub.add_parser("context", help="decode throughput against max_context, same workload")
     c.add_argument("--contexts", type=ints, default=[256, 1024, 4096, 16384])
     c.add_argument("--requests", type=int, default=64)
