@@ -1,10 +1,10 @@
 """Prefill and decode workers as real processes on 127.0.0.1 (4 virtual CPU devices each).
 
-Outputs must equal the in-process engine's on the same meshes; a SIGKILLed worker must end its requests
-with UNAVAILABLE (or let them finish elsewhere) without hangs or reserved pages; a restarted worker
-rejoins; a layout the receiver would misread is refused. Partial failures: a worker stalled (SIGSTOP) past
-the eviction time is evicted and registers again by itself once it runs; a shorter stall only delays its
-streams; health follows whether both roles have a live worker.
+Outputs must equal the in-process engine's on meshes of the same TP degrees; a SIGKILLed worker must end
+its requests with UNAVAILABLE (or let them finish elsewhere) without hangs or reserved pages; a restarted
+worker rejoins; a layout the receiver would misread is refused. Partial failures: a worker stalled
+(SIGSTOP) past the eviction time is evicted and registers again by itself once it runs; a shorter stall
+only delays its streams; health follows whether both roles have a live worker.
 """
 
 from __future__ import annotations
@@ -47,14 +47,39 @@ SAMPLED = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, seed=7)
 
 
 class Cluster:
-    """A front with one child process per slot, logs under ``log_dir``."""
+    """A front with one child process per slot, logs under ``log_dir``.
+
+    One worker of each role starts first; the others start once those have registered, so they load
+    every program from the suite's compile cache (the same programs on the same device ids) instead of
+    compiling them at the same time on the same cores. Spawning every slot at once (``spawn_workers``, as
+    ``launch --processes`` does) is tested below with the launch and the lost hand-off."""
 
     def __init__(self, prefill: str, decode: str, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.front = Front(None, parse_mesh_spec(prefill), parse_mesh_spec(decode), SIZES,
                            pull_timeout_s=20.0, rpc_timeout_s=30.0)
-        self.children = spawn_workers(self.front, devices_per_worker=4, log_dir=log_dir)
-        self.front.wait_until_full(timeout_s=600.0, children=self.children)
+        self.children: list[subprocess.Popen] = []
+        roles = [slot.role for slot in self.front.slots]
+        try:
+            for role in dict.fromkeys(roles):
+                self.rejoin(role)
+            for role in dict.fromkeys(roles):
+                self._wait_for_one(role)
+            for role in dict.fromkeys(roles):
+                for _ in range(roles.count(role) - 1):
+                    self.rejoin(role)
+            self.front.wait_until_full(timeout_s=600.0, children=self.children)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_for_one(self, role: str) -> None:
+        deadline = time.monotonic() + 600.0
+        while not any(slot.alive for slot in getattr(self.front, role)):
+            dead = [c for c in self.children if c.poll() is not None]
+            assert not dead, f"a worker exited with {dead[0].returncode} before registering ({self.log_dir})"
+            assert time.monotonic() < deadline, f"no {role} worker registered within 600 s"
+            time.sleep(0.1)
 
     def child(self, role: str, index: int) -> subprocess.Popen:
         """The process serving slot ``index`` of ``role`` (workers take free slots in the order they finish
@@ -63,9 +88,9 @@ class Cluster:
         return next(c for c in self.children if c.pid == pid)
 
     def rejoin(self, role: str) -> subprocess.Popen:
-        """Start a replacement worker by hand, as an operator would on another host."""
+        """Start a worker by hand, as an operator would on another host; it takes a free slot."""
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        log = open(self.log_dir / f"{role}-rejoined.log", "w")  # noqa: SIM115 - closed with the process
+        log = open(self.log_dir / f"{role}-{len(self.children)}.log", "w")  # noqa: SIM115 - closed with it
         child = subprocess.Popen(
             [sys.executable, "-m", "jdisagg.cli", "worker", "--role", role, "--join", self.front.address,
              "--devices", "4", "--no-progress", "--exit-with-parent"],
@@ -87,15 +112,22 @@ _REFERENCES: dict[tuple[str, str], dict[str, list[list[int]]]] = {}
 
 
 def _reference(prefill: str, decode: str) -> dict[str, list[list[int]]]:
-    """The in-process engine's tokens on the same meshes (computed once per layout)."""
+    """The in-process engine's tokens on meshes of the same TP degrees (computed once per layout)."""
     if (prefill, decode) not in _REFERENCES:
         _REFERENCES[prefill, decode] = _reference_uncached(prefill, decode)
     return _REFERENCES[prefill, decode]
 
 
 def _reference_uncached(prefill: str, decode: str) -> dict[str, list[list[int]]]:
+    """One replica of each role's TP degree: every replica of a role runs the same programs and a request's
+    tokens do not depend on what it is batched with (the cluster's own routing differs from run to run),
+    so more replicas would only compile the same programs again on other devices. Without the prefix
+    cache, as over worker processes (``Engine.from_replicas``). TP2 -> TP1 at these sizes is
+    test_stop_strings' and test_bench's engine, whose programs a whole-suite run loads from its cache."""
+    prefill, decode = (f"{parse_mesh_spec(spec).tp}x1" for spec in (prefill, decode))
     with Engine(prefill_mesh=prefill, decode_mesh=decode, page_size=SIZES.page_size,
-                max_batch=SIZES.max_batch, max_context=SIZES.max_context, progress=False) as engine:
+                max_batch=SIZES.max_batch, max_context=SIZES.max_context, prefix_cache=False,
+                progress=False) as engine:
         return {"greedy": _texts(engine, GREEDY), "sampled": _texts(engine, SAMPLED)}
 
 
@@ -401,8 +433,8 @@ def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_s
               if s.name == "jdisagg_kv_pages_total"]
     assert totals == [SIZES.num_pages - 1]  # the scratch page is not handed out
     with Engine(prefill_mesh="1x1", decode_mesh="1x1", page_size=SIZES.page_size, max_batch=SIZES.max_batch,
-                max_context=SIZES.max_context, kv_cache_gb=LAUNCH_KV_CACHE_GB, progress=False,
-                **LAUNCH_DTYPES) as engine:
+                max_context=SIZES.max_context, kv_cache_gb=LAUNCH_KV_CACHE_GB, prefix_cache=False,
+                progress=False, **LAUNCH_DTYPES) as engine:
         assert engine.stats()["pages_total"] == [SIZES.num_pages - 1]
         want = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
     assert list(reply.token_ids) == want
