@@ -8,7 +8,7 @@ cuts them into ``LocalChunk``s; this module runs them.
 
 One program shape per call size and chunk length: ``prefill_local[N, C]`` (``jdisagg.programs``) for
 chunks of at most C tokens, padded, with a page table as wide as the context, for N = 1 and N = ``batch``
-chunks per call and C in ``chunk_lengths`` (the longest chunk and its quarters down to 8 tokens). Why
+chunks per call and C in ``chunk_lengths`` (the longest chunk and its halves down to 16 tokens). Why
 several lengths: on a compute-bound device a padding token costs what a real one does, and a 20-token chat
 prompt padded to a 256-token chunk made colocated chunked prefill 3x slower than no chunking at all
 (docs/benchmarks.md). Keys are read in blocks of the longest chunk whatever C is, so every length shares
@@ -37,7 +37,7 @@ from jdisagg.sizes import ServingSizes
 
 DEFAULT_LOCAL_CHUNK = 256  # tokens per local chunk unless the prefill chunk is smaller
 DEFAULT_LOCAL_BATCH = 4  # chunks per prefill_local call (the largest decode batch bucket up to this)
-SHORTEST_LOCAL_CHUNK = 8  # tokens; chunk lengths are the longest and its quarters down to this
+SHORTEST_LOCAL_CHUNK = 16  # tokens; chunk lengths are the longest and its halves down to this
 
 
 def local_shape(sizes: ServingSizes) -> tuple[int, int]:
@@ -50,12 +50,13 @@ def local_shape(sizes: ServingSizes) -> tuple[int, int]:
 
 
 def chunk_lengths(longest: int) -> tuple[int, ...]:
-    """The chunk lengths local prefill compiles for, shortest first: ``longest`` and its quarters while they
-    stay whole and at least ``SHORTEST_LOCAL_CHUNK`` tokens (256 -> 16, 64, 256). Quarters, not halves: a
-    chunk computes at most 4x its tokens, with half the programs to compile."""
+    """The chunk lengths local prefill compiles for, shortest first: ``longest`` and its halves while they
+    stay whole and at least ``SHORTEST_LOCAL_CHUNK`` tokens (256 -> 16, 32, 64, 128, 256): a chunk computes
+    at most 2x its tokens, as a bucketed prompt does (quarters would halve the programs but pad a 128-token
+    prompt to 256)."""
     lengths = [longest]
-    while lengths[-1] % 4 == 0 and lengths[-1] // 4 >= SHORTEST_LOCAL_CHUNK:
-        lengths.append(lengths[-1] // 4)
+    while lengths[-1] % 2 == 0 and lengths[-1] // 2 >= SHORTEST_LOCAL_CHUNK:
+        lengths.append(lengths[-1] // 2)
     return tuple(reversed(lengths))
 
 

@@ -55,7 +55,7 @@ def replicas():
     for replica in (prefill, *decode.values()):
         for _, compile_program in replica.compile_tasks():
             compile_program()
-    assert decode["tp2"].local_chunk == 32 and chunk_lengths(32) == (8, 32)  # two lengths compiled
+    assert decode["tp2"].local_chunk == 32 and chunk_lengths(32) == (16, 32)  # two lengths compiled
     return prefill, decode
 
 
@@ -95,9 +95,9 @@ def _assert_same_sample(got, want, row: int = 0, num_top: int = 3) -> None:
     np.testing.assert_allclose(top_logprobs[row, :num_top], want[3][0, :num_top], atol=1e-4)
 
 
-def test_chunk_lengths_are_the_longest_and_its_quarters():
-    assert chunk_lengths(256) == (16, 64, 256)
-    assert chunk_lengths(32) == (8, 32) and chunk_lengths(24) == (24,) and chunk_lengths(8) == (8,)
+def test_chunk_lengths_are_the_longest_and_its_halves():
+    assert chunk_lengths(256) == (16, 32, 64, 128, 256)
+    assert chunk_lengths(32) == (16, 32) and chunk_lengths(24) == (24,) and chunk_lengths(8) == (8,)
 
 
 @pytest.mark.parametrize("mesh", ["tp2", "tp4"])
@@ -118,7 +118,7 @@ def test_local_prefill_in_chunks_equals_prefill_and_insert(replicas, mesh, split
     start, got = 0, []
     for i, n in enumerate(split):
         chunks = [LocalChunk(a[start : start + n], start, pages_a, GREEDY_TOP)]
-        if i == 0:  # B first: a 5-token chunk of A runs in a call of its own length, after B's
+        if i == 0:  # B first: a 5- or 13-token chunk of A runs in a call of its own length, after B's
             chunks.insert(0, LocalChunk(b, 0, pages_b, SEEDED, forced=42))
         got.append(decode[mesh].collect(decode[mesh].prefill_local(chunks)))
         start += n

@@ -8,6 +8,7 @@ set-ups of the built-in demo model:
 - colocated: one ``jdisagg launch --colocate`` process on every core of the budget; prefill and decode
   share one device, and prompts are prefilled on the decode replica in chunks interleaved with decode
   steps under a per-step token budget (chunked prefill, the strongest aggregated baseline).
+  ``colocated@N`` sets that budget to N tokens (``--setups colocated@64,colocated@128,...`` sweeps it).
 - colocated-unchunked: the same with ``--local-prefill-tokens 0``: each prompt is one prefill program
   between decode steps (what the earlier runs of this experiment compared against).
 - disaggregated: ``jdisagg launch --processes`` with the prefill worker pinned to the first half of the
@@ -49,8 +50,10 @@ def start_server(setup: str, cores: list[int], port: int, metrics_port: int, max
     command = [sys.executable, "-m", "jdisagg.cli", "launch", "--port", str(port), "--metrics-port",
                str(metrics_port), "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-batch",
                str(max_batch), "--http-port", "0", "--no-progress"]
-    if setup == "colocated":
+    if setup.partition("@")[0] == "colocated":  # colocated@N: chunked prefill under a step budget of N tokens
         command.append("--colocate")
+        if "@" in setup:
+            command += ["--step-token-budget", setup.partition("@")[2]]
     elif setup == "colocated-unchunked":
         command += ["--colocate", "--local-prefill-tokens", "0"]
     else:
