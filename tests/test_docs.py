@@ -25,7 +25,9 @@ Rules, so that sections added later are covered the same way:
 - ``jdisagg bench --num-requests N`` is capped at 8 requests: the example is tested for its flags and
   wiring, not for its throughput numbers.
 - Python blocks run in a fresh interpreter without the suite's JAX settings (no ``XLA_FLAGS``, no
-  ``JAX_PLATFORMS``), as a reader's would, and must print something.
+  ``JAX_PLATFORMS``), as a reader's would, and must print something. They do get the compile cache the
+  launched servers share (JAX's own ``JAX_COMPILATION_CACHE_DIR``; ``Engine`` leaves it off by itself), so
+  an example's programs that a server of the same model and meshes compiled are loaded, not compiled.
 
 Cost: dominated by the compiles of one default ``jdisagg launch`` (it uses the persistent compile cache)
 and the README's Python example (which does not). On the shared 2-core machine under heavy load from other
@@ -264,10 +266,22 @@ def _user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in JAX_ENV}
 
 
-def _run(argv_or_command: list[str] | str, workdir: Path, what: str) -> subprocess.CompletedProcess:
+def _cached_env() -> dict[str, str]:
+    """``_user_env`` with JAX's persistent compile cache on in the directory ``jdisagg launch`` uses by
+    default (``$XDG_CACHE_HOME/jdisagg/xla``, the suite's), every program cached as launch caches them."""
+    from jdisagg.compile_cache import default_cache_dir
+
+    return {**_user_env(), "JAX_COMPILATION_CACHE_DIR": str(default_cache_dir()),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _run(argv_or_command: list[str] | str, workdir: Path, what: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     shell = isinstance(argv_or_command, str)
-    result = subprocess.run(argv_or_command, shell=shell, cwd=workdir, env=_user_env(), capture_output=True,
-                            text=True, timeout=COMMAND_TIMEOUT_S, executable="/bin/bash" if shell else None)
+    result = subprocess.run(argv_or_command, shell=shell, cwd=workdir, env=env or _user_env(),
+                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                            executable="/bin/bash" if shell else None)
     assert result.returncode == 0, (f"{what} exited {result.returncode}\nstdout:\n{result.stdout[-2000:]}\n"
                                     f"stderr:\n{result.stderr[-3000:]}")
     return result
@@ -307,7 +321,7 @@ def run_python_block(block: Block, workdir: Path, servers: Servers) -> str:
     ports = _server_for(block, servers)
     script = workdir / f"block_{block.path.stem}_{block.line}.py"
     script.write_text(map_ports(block.code, ports))
-    result = _run([sys.executable, script.name], workdir, block.name)
+    result = _run([sys.executable, script.name], workdir, block.name, _cached_env())
     assert result.stdout.strip(), f"{block.name} printed nothing"
     return result.stdout
 
