@@ -1,21 +1,30 @@
 """Token sampling inside the compiled programs: greedy, temperature, top-k, top-p, per-request seeds.
 
 Sampling runs on device as part of prefill and decode, so only a few numbers per sequence cross to the host
-each step. It costs what the batch asks for, and never sorts the vocabulary:
+each step. It costs what the batch asks for, never sorts the vocabulary and runs no data-dependent loop (on a
+GPU every iteration of one would wait for the host to read its predicate):
 
 - a batch of greedy rows is one ``argmax`` (the random path is skipped with ``lax.cond``);
 - temperature alone is inverse-CDF sampling over the vocabulary in token-id order, two-level (block sums,
   then one block) so no full-length scan runs;
-- top-k / top-p only move a per-row *threshold*: the row keeps every token whose scaled logit is at least the
-  threshold, then samples like temperature alone. The threshold comes from ``lax.top_k`` over a bounded
-  candidate set when the filtered set fits in it (top-k <= candidates, or a nucleus inside the candidates'
-  mass) and otherwise from an exact search over the float order (``_select``: interpolation probes, each one
-  masked sum over the vocabulary, until few enough elements remain for ``lax.top_k``).
-  Both give the same threshold, so a row samples the same token whichever path its batch took.
+- top-k / top-p only move a per-row *threshold*: the row keeps every token whose logit is at least the
+  threshold, then samples like temperature alone. The threshold is an exact radix select over the logits'
+  32-bit order keys (``_select``), digit by digit from the top: each digit is the largest whose tokens at or
+  above it still hold the wanted count (top-k) or probability mass (top-p). Its cost is a fixed number of
+  passes over the vocabulary, the same for a flat distribution as for a peaked one.
 
+How a digit's sums are taken is the platform's choice (``lax.platform_dependent``), by measurement at vocab
+128,256 and batch 16 (docs/benchmarks.md): on CPU a scatter-add histogram of 65,536 bins gives two 8-bit
+digits per pass (two passes; below a vocabulary of 2,048 comparisons are cheaper there too); elsewhere one
+fused compare-and-reduce pass gives the 16 suffix sums of a 4-bit digit (eight passes). On a GPU a float
+scatter-add was no faster and uses atomics, whose order, and so a threshold at a knife-edge of the sums,
+would vary from run to run; 8-bit digits by comparison were 3.5x slower (a pass re-reads the row once per
+candidate), 2-bit ones no faster.
+
+Temperature does not change the order of the logits, so thresholds are keys of the logits themselves. Tokens
+tied at the threshold are all kept (the sort-based definition would keep an arbitrary subset of them).
 The random number of a token is ``uniform(fold_in(key(seed), position))``: a request samples the same tokens
 whatever else is in its batch, and a preempted sequence recomputed later continues exactly where it was.
-Tokens tied at the threshold are all kept (the sort-based definition would keep an arbitrary subset of them).
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ import jax.numpy as jnp
 from jdisagg.executors import Sampled
 from jdisagg.sampling_params import TOP_LOGPROBS
 
-CANDIDATES = 64  # top-k / top-p candidates taken with lax.top_k before the exact fallback
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows the logits)
 _BLOCK = 256  # inverse-CDF block length
 
@@ -40,8 +48,6 @@ def sample_tokens(
     positions: jax.Array,  # [B] int32, the position the sampled token will take
     forced: jax.Array,  # [B] int32; >= 0 takes that token instead of sampling (teacher forcing, scoring)
     num_top: jax.Array,  # [B] int32; > 0: return the most likely alternatives of this row's token
-    *,
-    candidates: int = CANDIDATES,
 ) -> Sampled:
     """One token per row, its log-probability under the model, and (when asked) the top alternatives.
 
@@ -53,7 +59,7 @@ def sample_tokens(
     sampling = temperature >= GREEDY_BELOW
     sampled = jax.lax.cond(
         jnp.any(sampling & (forced < 0)),
-        lambda: _sample(logits, temperature, top_k, top_p, seeds, positions, candidates),
+        lambda: _sample(logits, temperature, top_k, top_p, seeds, positions),
         lambda: greedy,
     )
     tokens = jnp.where(forced >= 0, forced, jnp.where(sampling, sampled, greedy))
@@ -81,150 +87,112 @@ def _sample(
     top_p: jax.Array,
     seeds: jax.Array,
     positions: jax.Array,
-    candidates: int,
 ) -> jax.Array:
     scaled = logits / jnp.maximum(temperature, GREEDY_BELOW)[:, None]
-    vocab = scaled.shape[-1]
-    top_k = jnp.where(top_k >= vocab, 0, top_k)  # keeping the whole vocabulary is no filter
-    filtered = (top_k > 0) | (top_p < 1.0)
-    keys = _order_keys(scaled)
-    threshold = jax.lax.cond(
-        jnp.any(filtered),
-        lambda: jnp.where(filtered, _thresholds(scaled, keys, top_k, top_p, candidates), 0),
-        lambda: jnp.zeros(scaled.shape[:1], jnp.uint32),
+    weights = jnp.exp(scaled - scaled.max(-1, keepdims=True))
+    top_k = jnp.where(top_k >= logits.shape[-1], 0, top_k)  # keeping the whole vocabulary is no filter
+    weights = jax.lax.cond(
+        jnp.any((top_k > 0) | (top_p < 1.0)),
+        lambda: _filter_weights(logits, weights, top_k, top_p),
+        lambda: weights,
     )
-    weights = jnp.where(keys >= threshold[:, None], jnp.exp(scaled - scaled.max(-1, keepdims=True)), 0.0)
     uniform = jax.vmap(lambda s, p: jax.random.uniform(jax.random.fold_in(jax.random.key(s), p)))
     return _inverse_cdf(weights, uniform(seeds, positions))
 
 
+def _filter_weights(logits: jax.Array, weights: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """``weights`` (the unnormalised probabilities of ``logits``' rows) with every token outside the row's
+    filters zeroed: the top-k set first (``top_k`` 0: off), then the smallest head of what is left that holds
+    ``top_p`` of its mass (1: off). Each search runs only when some row of the batch asks for it."""
+    keys = _order_keys(logits)
+    keep_all = jnp.zeros(keys.shape[:1], jnp.uint32)  # the smallest key
+    k_key = jax.lax.cond(
+        jnp.any(top_k > 0),
+        lambda: jnp.where(top_k > 0, _select(keys, jnp.ones_like(weights), top_k.astype(jnp.float32)), 0),
+        lambda: keep_all,
+    )
+    weights = jnp.where(keys >= k_key[:, None], weights, 0.0)
+    p_key = jax.lax.cond(
+        jnp.any(top_p < 1.0),
+        lambda: jnp.where(top_p < 1.0, _select(keys, weights, top_p * weights.sum(-1)), 0),
+        lambda: keep_all,
+    )
+    return jnp.where(keys >= p_key[:, None], weights, 0.0)
+
+
 def _order_keys(x: jax.Array) -> jax.Array:
-    """uint32 keys that order like the float32 values (the radix-sort trick), so thresholds compare
-    exactly and bisect over integers."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    """uint32 keys that order like the float32 values (the radix-sort trick), so thresholds compare exactly
+    and are selected digit by digit. -0.0 takes +0.0's key: the two are tied, and ties stay together."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
     negative = (bits >> 31) == 1
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _thresholds(
-    scaled: jax.Array, keys: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int
-) -> jax.Array:
-    """Per row, the order key of the smallest kept logit: from the candidates where the filtered set fits
-    in them, else from the exact search (only run when some row needs it)."""
-    candidates = min(candidates, scaled.shape[-1])
-    values, _ = jax.lax.top_k(scaled, candidates)
-    ranks = jnp.arange(candidates)[None, :]
-    in_top_k = (top_k[:, None] == 0) | (ranks < top_k[:, None])
-    # Normalise over the top-k set when there is one (it lies in the candidates when top_k <= candidates),
-    # else over the whole vocabulary.
-    normalizer = jnp.where(
-        (top_k > 0) & (top_k <= candidates),
-        jax.nn.logsumexp(jnp.where(in_top_k, values, -jnp.inf), axis=-1),
-        jax.nn.logsumexp(scaled, axis=-1),
-    )
-    mass = jnp.cumsum(jnp.where(in_top_k, jnp.exp(values - normalizer[:, None]), 0.0), axis=-1)
-    # The nucleus ends at the first candidate whose cumulative mass reaches top_p (the top-k set's last
-    # candidate when top_p is off or is never reached inside it).
-    reached = (mass >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    last_kept = jnp.where(top_k > 0, jnp.minimum(top_k, candidates) - 1, candidates - 1)
-    end = jnp.minimum(jnp.where(reached.any(-1), jnp.argmax(reached, axis=-1), last_kept), last_kept)
-    from_candidates = _order_keys(jnp.take_along_axis(values, end[:, None], axis=-1)[:, 0])
-    fits = jnp.where(top_k > 0, top_k <= candidates, reached.any(-1) | (top_p >= 1.0))
-    return jax.lax.cond(
-        jnp.all(fits),
-        lambda: from_candidates,
-        lambda: jnp.where(fits, from_candidates, _search_thresholds(scaled, keys, top_k, top_p, candidates)),
+_HISTOGRAM_FROM_VOCAB = 2048  # below it a row's 65,536 histogram bins cost more than comparing its tokens
+
+
+def _select(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest key ``t`` with ``sum(weights[keys >= t]) >= target``, or 0 (every key) when even
+    the whole row falls short: for unit weights and target k the k-th largest key, for probabilities and
+    target p x total the smallest key of the nucleus. Exact, and the same key on every platform but for the
+    float rounding of the sums."""
+    if keys.shape[-1] < _HISTOGRAM_FROM_VOCAB:
+        return _select_by_comparisons(keys, weights, target)
+    return jax.lax.platform_dependent(
+        keys, weights, target, cpu=_select_by_histograms, default=_select_by_comparisons
     )
 
 
-def _key_values(keys: jax.Array) -> jax.Array:
-    """The float32 values of order keys (the inverse of ``_order_keys``)."""
-    positive = (keys >> 31) == 1
-    bits = jnp.where(positive, keys & jnp.uint32(0x7FFFFFFF), ~keys)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+def _select_by_comparisons(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """``_select`` in eight passes of one fused reduction each (deterministic, no scatter): a pass compares
+    every key with the 16 candidates for the next 4-bit digit and sums the weights at or above each."""
+    digits = jnp.arange(16, dtype=jnp.uint32)
+    key = jnp.zeros(keys.shape[:1], jnp.uint32)
+    for shift in range(28, -1, -4):
+        candidates = key[:, None] | (digits << shift)  # [B, 16]
+        at_or_above = jnp.where(keys[:, None, :] >= candidates[:, :, None], weights[:, None, :], 0.0).sum(-1)
+        key = key | (_largest_reaching(at_or_above, target) << shift)
+    return key
 
 
-def _select(
-    scaled: jax.Array, keys: jax.Array, weights: jax.Array, target: jax.Array, floor: jax.Array, finish: int
-) -> jax.Array:
-    """Per row, the largest element key ``t`` with ``sum(weights[keys >= t]) >= target``, searching keys
-    ``>= floor`` (``floor`` itself when even the whole range falls short).
-
-    An exact search that needs no sort: it narrows a key interval ``[lo, hi)`` that holds the answer (the
-    weight at or above ``lo`` reaches the target, at or above ``hi`` it does not), probing by linear
-    interpolation of the weight in value space, every other probe at the key midpoint so that 64 probes halve
-    the key range 32 times at worst. Each probe is one pass over the vocabulary. Once at most ``finish``
-    elements lie in the interval, ``lax.top_k`` lists them and a cumulative sum from ``hi`` down picks the
-    answer (about 20 probes on a flat 32k-token distribution at top-p 0.9, where a bisection needs 32).
-    """
+def _select_by_histograms(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """``_select`` in two passes: a pass scatter-adds the weights of the keys that share the digits found so
+    far into a histogram of their next 16 bits, which gives two 8-bit digits (256 coarse bins, then the 256
+    fine bins of the chosen one)."""
     batch = keys.shape[0]
-    live = keys >= floor[:, None]
-    lo = floor
-    hi = keys.max(-1) + 1  # exclusive; keys of finite floats stay below 0xFF800000, so this cannot wrap
-    f_lo = jnp.where(live, weights, 0.0).sum(-1)
-    f_hi = jnp.zeros(batch, jnp.float32)
-    count = live.sum(-1)
-
-    def active(lo, hi, f_lo, count):
-        return (count > finish) & (f_lo >= target) & (hi - lo > 1)
-
-    def unfinished(state):
-        i, lo, hi, f_lo, _, count = state
-        return (i < 64) & jnp.any(active(lo, hi, f_lo, count))
-
-    def probe(state):
-        i, lo, hi, f_lo, f_hi, count = state
-        v_lo, v_hi = _key_values(lo), _key_values(hi - 1)
-        frac = jnp.clip((f_lo - target) / jnp.maximum(f_lo - f_hi, 1e-30), 0.0, 1.0)
-        guess = _order_keys(v_lo + frac * (v_hi - v_lo))
-        t = jnp.clip(jnp.where(i % 2 == 0, guess, lo + (hi - lo) // 2), lo + 1, hi - 1)
-        at_or_above = keys >= t[:, None]
-        f_t = jnp.where(at_or_above, weights, 0.0).sum(-1)
-        upper = (at_or_above & (keys < hi[:, None])).sum(-1)
-        lower = ((keys >= lo[:, None]) & ~at_or_above).sum(-1)
-        moving = active(lo, hi, f_lo, count)
-        up = moving & (f_t >= target)
-        down = moving & ~up
-        return (
-            i + 1,
-            jnp.where(up, t, lo),
-            jnp.where(down, t, hi),
-            jnp.where(up, f_t, f_lo),
-            jnp.where(down, f_t, f_hi),
-            jnp.where(up, upper, jnp.where(down, lower, count)),
-        )
-
-    _, lo, hi, f_lo, f_hi, _ = jax.lax.while_loop(unfinished, probe, (0, lo, hi, f_lo, f_hi, count))
-    inside = (keys >= lo[:, None]) & (keys < hi[:, None])
-    values, index = jax.lax.top_k(jnp.where(inside, scaled, -jnp.inf), finish)
-    picked = jnp.take_along_axis(jnp.where(inside, weights, 0.0), index, axis=-1)
-    reached = (f_hi[:, None] + jnp.cumsum(picked, axis=-1) >= target[:, None]) & (values > -jnp.inf)
-    answer = _order_keys(jnp.take_along_axis(values, jnp.argmax(reached, axis=-1)[:, None], axis=-1)[:, 0])
-    return jnp.where(reached.any(-1) & (f_lo >= target), answer, lo)
+    key = jnp.zeros(batch, jnp.uint32)
+    above = jnp.zeros(batch, jnp.float32)  # weight of the keys above the range the digits found so far allow
+    row_offsets = jnp.arange(batch)[:, None] * 65536
+    for shift in (16, 0):
+        inside = weights if shift == 16 else jnp.where((keys >> 16) == (key >> 16)[:, None], weights, 0.0)
+        bins = ((keys >> shift) & 0xFFFF).astype(jnp.int32) + row_offsets
+        histogram = (
+            jnp.zeros(batch * 65536, jnp.float32)
+            .at[bins.ravel()]
+            .add(inside.ravel(), mode="promise_in_bounds")
+        )  # flat: XLA's CPU scatter is several times slower with a [B, bins] operand
+        histogram = histogram.reshape(batch, 256, 256)
+        high, above = _pick_bin(histogram.sum(-1), above, target)
+        fine = jnp.take_along_axis(histogram, high[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        low, above = _pick_bin(fine, above, target)
+        key = key | (high << (shift + 8)) | (low << shift)
+    return key
 
 
-def _search_thresholds(
-    scaled: jax.Array, keys: jax.Array, top_k: jax.Array, top_p: jax.Array, finish: int
-) -> jax.Array:
-    """The exact thresholds without candidates: the k-th largest key, then the nucleus inside that set."""
-    zero = jnp.zeros(keys.shape[:1], jnp.uint32)
-    k_key = jax.lax.cond(
-        jnp.any(top_k > 0),
-        lambda: jnp.where(
-            top_k > 0,
-            _select(scaled, keys, jnp.ones_like(scaled), top_k.astype(jnp.float32), zero, finish),
-            0,
-        ),
-        lambda: zero,
-    )
-    in_top_k = keys >= k_key[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
-    p_key = jax.lax.cond(
-        jnp.any(top_p < 1.0),
-        lambda: jnp.where(top_p < 1.0, _select(scaled, keys, probs, top_p, k_key, finish), 0),
-        lambda: zero,
-    )
-    return jnp.maximum(k_key, p_key)
+def _pick_bin(bins: jax.Array, above: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The digit of ``_largest_reaching`` given one digit's bins and the weight ``above`` them, and the
+    weight above the chosen bin (the next digit's ``above``)."""
+    at_or_above = above[:, None] + jnp.cumsum(bins[:, ::-1], axis=-1)[:, ::-1]
+    digit = _largest_reaching(at_or_above, target)
+    beyond = jnp.concatenate([at_or_above[:, 1:], above[:, None]], axis=-1)
+    return digit, jnp.take_along_axis(beyond, digit[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def _largest_reaching(at_or_above: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest digit whose weight at or above it reaches ``target``, 0 when none does (the sums
+    of a finer digit may round just below what the coarser one promised: then its whole bin is kept)."""
+    digits = jnp.arange(at_or_above.shape[-1], dtype=jnp.uint32)
+    return jnp.max(jnp.where(at_or_above >= target[:, None], digits, 0), axis=-1)
 
 
 def _inverse_cdf(weights: jax.Array, rng: jax.Array) -> jax.Array:
