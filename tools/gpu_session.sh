@@ -4,9 +4,13 @@
 #      against the measured copy bandwidth (tools/bench_kernels.py);
 #   2. the Engine against the plain jitted JAX loop at Llama-3-8B shape, random bf16 weights, batch 1 and 16
 #      (tools/bench_engine.py peers; HF is left out: 16 GB of safetensors to write first);
-#   3. the sampler's share of an 8B decode step at vocab 128,256.
+#   3. the sampler's share of an 8B decode step at vocab 128,256;
+#   4. the 8B decode step's HLO on the GPU pipeline and its time with fused vs separate projections
+#      against the bandwidth floor (tools/inspect_hlo.py --time).
 # Each step has its own time limit, so a hang costs only its share; logs and JSON land in $OUT (the device
-# tool's folder that comes back) or ./gpu-out. CONFIG and KERNEL_SHAPES shrink it for a CPU smoke run:
+# tool's folder that comes back) or ./gpu-out. STEPS picks steps (default: all four, in the order
+# "kernels hlo peers sampling"; a session that measured the kernels already can drop them). CONFIG and
+# KERNEL_SHAPES shrink it for a CPU smoke run:
 #   CONFIG=llama-124m KERNEL_SHAPES=small OUT=/tmp/gpu-out bash tools/gpu_session.sh
 set -u
 out=${OUT:-gpu-out}
@@ -21,9 +25,12 @@ site=$(mktemp -d)
 cp -r jdisagg "$site/jdisagg" && cp -r kernels "$site/jdisagg/kernels" && cp -r meshes "$site/jdisagg/meshes"
 export PYTHONPATH="$site"
 
+steps=" ${STEPS:-kernels hlo peers sampling} "
+
 step() {
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
+    [[ $steps == *" $name "* ]] || { echo "== $name: skipped (STEPS)"; return; }
     echo "== $name (limit ${limit} s): $*"
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     rc=$?
@@ -36,10 +43,11 @@ $py -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__
 step kernels 120 $py tools/bench_kernels.py --shapes "${KERNEL_SHAPES:-full}" --json "$out/kernels.json"
 # Our Triton kernel is the engine's attention on GPU; if it failed above, the engine runs the XLA reference.
 backend=()
-if grep -q "^ours\[gpu\] .*failed" "$out/kernels.log"; then
+if grep -q "^ours\[gpu\] .*failed" "$out/kernels.log" 2>/dev/null; then
     backend=(--attention-backend reference)
     echo "our GPU kernel failed in the kernel benchmark: the engine runs the XLA reference attention"
 fi
+step hlo 150 $py tools/inspect_hlo.py --config "$config" --dtype bfloat16 --time --json "$out/hlo.json"
 step peers 330 $py tools/bench_engine.py peers --config "$config" --dtype bfloat16 --batch 1,16 --no-hf \
     --compile-cache "$(mktemp -d)" "${backend[@]}" --json "$out/peers.json"
 step sampling 50 $py tools/bench_engine.py sampling --config "$config" --dtype bfloat16 --batch 16 \
