@@ -166,11 +166,15 @@ def _select_by_histograms(keys: jax.Array, weights: jax.Array, target: jax.Array
     for shift in (16, 0):
         inside = weights if shift == 16 else jnp.where((keys >> 16) == (key >> 16)[:, None], weights, 0.0)
         bins = ((keys >> shift) & 0xFFFF).astype(jnp.int32) + row_offsets
-        histogram = (
-            jnp.zeros(batch * 65536, jnp.float32)
-            .at[bins.ravel()]
-            .add(inside.ravel(), mode="promise_in_bounds")
-        )  # flat: XLA's CPU scatter is several times slower with a [B, bins] operand
+        # Flat, with scalar updates: XLA's CPU scatter is several times slower into a [B, bins] operand, and
+        # the [N, 1] updates of jnp's .at[].add leave what computes them (an exp) unvectorised.
+        histogram = jax.lax.scatter_add(
+            jnp.zeros(batch * 65536, jnp.float32),
+            bins.reshape(-1, 1),
+            inside.ravel(),
+            jax.lax.ScatterDimensionNumbers((), (0,), (0,)),
+            mode="promise_in_bounds",
+        )
         histogram = histogram.reshape(batch, 256, 256)
         high, above = _pick_bin(histogram.sum(-1), above, target)
         fine = jnp.take_along_axis(histogram, high[:, None, None].astype(jnp.int32), axis=1)[:, 0]
