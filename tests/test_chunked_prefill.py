@@ -128,9 +128,10 @@ def long_checkpoint(tmp_path_factory) -> Path:
 def test_a_4096_token_prompt_in_chunks_gives_the_dense_forwards_greedy_tokens(long_checkpoint):
     """No max_context: the engine takes the model's 4,608 positions and prefills a 4,096-token prompt in
     eight 512-token chunks; the hand-off is eight pieces. First token, greedy continuation and their
-    log-probabilities are the dense forward's, nothing compiles while serving, and no page stays held."""
+    log-probabilities are the dense forward's, nothing compiles while serving, and no page stays held.
+    One prompt has no prefix to reuse, so the prefix cache is off (its hand-off programs would never run)."""
     prompt = np.random.default_rng(1).integers(0, 256, 4096).tolist()
-    with Engine(long_checkpoint, tokenizer=ByteTokenizer(), max_batch=1, page_size=64,
+    with Engine(long_checkpoint, tokenizer=ByteTokenizer(), max_batch=1, page_size=64, prefix_cache=False,
                 progress=False) as engine:
         assert engine.max_context == LONG.max_position_embeddings
         warm = compile_count(), cache_hit_count()  # the suite's compile cache: a load is no compile
@@ -195,7 +196,7 @@ def _free_port() -> int:
 
 def test_launch_without_max_context_serves_a_3500_token_prompt(tmp_path):
     """``jdisagg launch --model DIR --dtype bfloat16`` and no ``--max-context``: the context is the
-    checkpoint's 4,096 positions, and a 3,500-token prompt is served."""
+    checkpoint's 4,096 positions, and a 3,500-token prompt is served (the only prompt: no prefix cache)."""
     config = dataclasses.replace(LONG, max_position_embeddings=4096)
     save_hf_safetensors(init_model(config, seed=6), tmp_path / "model")
     port = _free_port()
@@ -205,7 +206,7 @@ def test_launch_without_max_context_serves_a_3500_token_prompt(tmp_path):
             [sys.executable, "-m", "jdisagg.cli", "launch", "--model", str(tmp_path / "model"), "--dtype",
              "bfloat16", "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-batch", "1", "--page-size",
              "64", "--port", str(port), "--metrics-port", "0", "--http-port", "0", "--no-progress",
-             "--compile-cache", "off"],
+             "--compile-cache", "off", "--no-prefix-cache"],
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:
