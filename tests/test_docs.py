@@ -29,8 +29,9 @@ Rules, so that sections added later are covered the same way:
   launched servers share (JAX's own ``JAX_COMPILATION_CACHE_DIR``; ``Engine`` leaves it off by itself), so
   an example's programs that a server of the same model and meshes compiled are loaded, not compiled.
 
-Cost: dominated by the compiles of one default ``jdisagg launch`` (it uses the persistent compile cache)
-and the README's Python example (which does not). On the shared 2-core machine under heavy load from other
+Cost: dominated by the compiles of one default ``jdisagg launch`` and the README's Python example, which
+loads the launch's prefill-side programs and samplers from the shared compile cache and compiles the rest
+(its decode programs have another context). On the shared 2-core machine under heavy load from other
 work (load average 15-20), with README's ``--processes`` block still run here: 8m50s wall and 3.5
 CPU-minutes with a warm cache, 16m20s and 6.8 CPU-minutes with a cold one (the default launch 465 s, the
 ``--processes`` launch 346 s); that block is now skipped (tests/test_workers.py runs that launch).
