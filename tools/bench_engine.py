@@ -306,7 +306,11 @@ def report(results: list[Result], *, greedy: bool) -> list[dict]:
 
 def sampling_share(args) -> list[dict]:
     """Time the sample program alone against one decode forward of the same batch (dense cache at the
-    workload's context), each compiled on its own and timed as the median of repeated calls."""
+    workload's context), each compiled on its own and timed as the median of repeated calls.
+
+    ``--logits flat`` samples the forward's own logits: random weights make them nearly flat, the worst case
+    for a nucleus (it holds most of the vocabulary). ``peaked`` stands in for a trained model: per row a
+    Zipf distribution (exponent 1.5, ranks in a random order), whose top-p 0.9 nucleus is about 60 tokens."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -347,16 +351,22 @@ def sampling_share(args) -> list[dict]:
     step_s = timed(forward, state, caches, tokens, positions)
     sample = jax.jit(sample_tokens)
     modes = {"greedy": (0.0, 0, 1.0), "temperature 0.8": (0.8, 0, 1.0), "top-p 0.9": (0.8, 0, 0.9),
-             "top-k 50": (0.8, 50, 1.0)}
+             "top-k 50": (0.8, 50, 1.0), "top-k 50 + top-p 0.9": (0.8, 50, 0.9)}
     print(f"decode forward, batch {batch}, vocab {args.vocab}, context {context}: {1e3 * step_s:.2f} ms")
+    rng = np.random.default_rng(0)
+    ranks = np.stack([rng.permutation(args.vocab) for _ in range(batch)]) + 1
+    kinds = {"flat": logits, "peaked": jnp.asarray(-1.5 * np.log(ranks), jnp.float32)}
     out = []
-    for name, (temperature, top_k, top_p) in modes.items():
-        sampled_s = timed(sample, logits, jnp.full(batch, temperature), jnp.full(batch, top_k, jnp.int32),
-                          jnp.full(batch, top_p), jnp.arange(batch, dtype=jnp.uint32), positions + 1,
-                          jnp.full(batch, -1, jnp.int32), jnp.zeros(batch, jnp.int32))
-        share = sampled_s / (step_s + sampled_s)
-        print(f"  sample {name:16} {1e3 * sampled_s:8.2f} ms = {100 * share:5.1f}% of the step")
-        out.append({"mode": name, "sample_ms": 1e3 * sampled_s, "forward_ms": 1e3 * step_s, "share": share})
+    for kind in args.logits.split(","):
+        for name, (temperature, top_k, top_p) in modes.items():
+            sampled_s = timed(sample, kinds[kind].astype(jnp.float32), jnp.full(batch, temperature),
+                              jnp.full(batch, top_k, jnp.int32), jnp.full(batch, top_p),
+                              jnp.arange(batch, dtype=jnp.uint32), positions + 1,
+                              jnp.full(batch, -1, jnp.int32), jnp.zeros(batch, jnp.int32))
+            share = sampled_s / (step_s + sampled_s)
+            print(f"  {kind:6} sample {name:20} {1e3 * sampled_s:8.2f} ms = {100 * share:5.1f}% of the step")
+            out.append({"logits": kind, "mode": name, "sample_ms": 1e3 * sampled_s,
+                        "forward_ms": 1e3 * step_s, "share": share})
     return out
 
 
@@ -549,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+
+    def logit_kinds(text: str) -> str:
+        if not text or not set(text.split(",")) <= {"flat", "peaked"}:
+            raise argparse.ArgumentTypeError(f"expected flat, peaked or flat,peaked, got {text!r}")
+        return text
+
     p = sub.add_parser("peers", help="HF vs jdisagg vs a plain jitted JAX loop, same weights, same run")
     p.add_argument("--config", choices=sorted(CONFIGS), default="llama-124m")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -576,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--batch", type=int, default=16)
     m.add_argument("--context", type=int, default=192)
     m.add_argument("--repeats", type=int, default=10)
+    m.add_argument("--logits", default="flat,peaked", type=logit_kinds,
+                   help="comma-separated: flat (the random model's own), peaked (Zipf, like a trained model)")
     f = sub.add_parser("prefill", help="prefill throughput: HF vs run_batch vs one prompt at a time")
     f.add_argument("--config", choices=sorted(CONFIGS), default="llama-124m")
     f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
