@@ -274,5 +274,7 @@ class Llama(nnx.Module):
         """Final norm + LM head (the embedding transposed when tied): ``[..., D]`` -> float32 ``[..., V]``."""
         normed = self.norm(hidden)
         if self.lm_head is None:
-            return self.embed_tokens.attend(normed).astype(jnp.float32)
+            # Contract the embedding's own feature axis: ``Embed.attend``'s ``embedding.T`` is a transpose of
+            # the whole [V, D] table in the program, which a backend may materialise every step.
+            return jnp.einsum("...d,vd->...v", normed, self.embed_tokens.embedding[...]).astype(jnp.float32)
         return self.lm_head(normed).astype(jnp.float32)
