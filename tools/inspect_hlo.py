@@ -7,7 +7,8 @@ shapes, with the projections fused as the engine serves them and separate as the
 and prints what would make a step read more or launch more:
 
 - before optimisation (our model code; the same on every backend): the matmuls reading weights per layer,
-  a weight contracted on its output dimension (a ``x @ W.T`` that needs a transpose), and every convert,
+  the weights read as ``[out, in]`` (contracted on their last axis, ``x @ W.T``: a GEMM library takes it
+  as it is, a kernel that wants ``[in, out]`` needs a transpose; the tied LM head is one), and every convert,
   transpose, copy or gather as large as a weight matrix;
 - after the backend's optimisation (this machine's backend: CPU here, the GPU's pipeline on a GPU): the
   launches of the entry computation (fusions, library calls, loose ops) per layer, the weight-sized
@@ -104,7 +105,7 @@ class Report:
     program: str
     layout: str
     weight_matmuls_per_layer: float
-    transposed_weight_uses: int
+    weights_read_out_in: int
     materialized_before: dict[str, int]
     launches: int
     launches_per_layer: float
@@ -123,7 +124,7 @@ def analyse(name: str, layout: str, lowered: jax.stages.Lowered, *, num_layers: 
     """Count what a lowered program does with its weights, before and after the backend optimises it."""
     before = parse_hlo(lowered.as_text(dialect="hlo"))
     sizes = {i.name: i.size for i in before}
-    weight_dots, transposed = 0, 0
+    weight_dots, read_out_in = 0, 0
     for i in before:
         if i.op != "dot":
             continue
@@ -133,7 +134,7 @@ def analyse(name: str, layout: str, lowered: jax.stages.Lowered, *, num_layers: 
                 contracting = re.search(rf"{side}_contracting_dims=\{{([\d,]*)\}}", i.attrs)
                 rank = len(next(x.shape for x in before if x.name == operand))
                 if contracting and contracting[1] == str(rank - 1) and rank == 2:
-                    transposed += 1
+                    read_out_in += 1
     compiled = lowered.compile()
     after = parse_hlo(compiled.as_text())
     entry = [i for i in after if i.computation == "ENTRY" and i.op not in _FREE]
@@ -145,7 +146,7 @@ def analyse(name: str, layout: str, lowered: jax.stages.Lowered, *, num_layers: 
     report = Report(
         program=name, layout=layout,
         weight_matmuls_per_layer=weight_dots / num_layers,
-        transposed_weight_uses=transposed,
+        weights_read_out_in=read_out_in,
         materialized_before=_materialized(before, weight_size, kv_shapes),
         launches=len(entry), launches_per_layer=len(entry) / num_layers, launch_kinds=dict(kinds),
         materialized_after=_materialized(after, weight_size, kv_shapes),
@@ -230,7 +231,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 def print_report(r: Report) -> None:
     print(f"\n{r.program}, {r.layout} projections")
     print(f"  before optimisation: {r.weight_matmuls_per_layer:.2f} weight matmuls per layer, "
-          f"{r.transposed_weight_uses} contracted on their output dim, weight-sized writes: "
+          f"{r.weights_read_out_in} read as [out, in], weight-sized writes: "
           f"{r.materialized_before or 'none'}")
     accessed = "n/a" if r.bytes_accessed_gb is None else (
         f"{r.bytes_accessed_gb:.2f} GB = {r.bytes_accessed_gb / r.param_gb:.2f}x "
