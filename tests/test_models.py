@@ -7,6 +7,8 @@ is exercised in prefill and in decode (Qwen2 windows only its second layer, from
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ from jdisagg.meshes import PHASE_RULES, TP_AXIS, param_sharding_fn
 from jdisagg.models import Llama, ModelConfig, init_model, load_hf_model, save_hf_safetensors
 from jdisagg.models.demo import DEMO_CONFIG
 from jdisagg.models.fused import fuse_projections
-from jdisagg.models.llama import Fused
+from jdisagg.models.llama import UNFUSED, Fused
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -171,6 +173,29 @@ def test_fused_projections_serve_the_same_model_in_every_sharding(name, tp, tmp_
                                                                                 progress=False), nnx.Param)),
                                       nnx.to_flat_state(nnx.state(separate, nnx.Param)), strict=True):
         np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]), err_msg=str(path))
+
+
+def test_decode_step_asks_for_each_weight_once():
+    """``tools/inspect_hlo.py`` over the engine's decode program (bfloat16, lowered from shapes): 4 weight
+    matmuls per layer fused, 7 separate, plus the LM head; no weight-sized convert, transpose, copy or
+    gather in what our code asks XLA for, and every weight read as ``[in, out]``."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import inspect_hlo
+
+    config = dataclasses.replace(DEMO_CONFIG, num_layers=2, dtype="bfloat16")
+    mesh = Mesh(np.array(jax.devices()[:1]), (TP_AXIS,))
+    for fused, matmuls in ((inspect_hlo.FUSED, 4), (UNFUSED, 7)):
+        programs = inspect_hlo.programs(config, fused, batch=1, context=32, mesh=mesh)
+        fn, args = next(v for k, v in programs.items() if k.startswith("engine decode"))
+        params = jax.tree.leaves(args[0])
+        report, _ = inspect_hlo.analyse(
+            "decode", str(fused), fn.lower(*args), num_layers=config.num_layers,
+            weight_size=min(x.size for x in params if len(x.shape) >= 2),
+            param_bytes=sum(x.size * x.dtype.itemsize for x in params),
+            kv_shapes={tuple(x.shape) for x in jax.tree.leaves(args[1])},
+        )
+        assert report.weight_matmuls_per_layer == matmuls + 1 / config.num_layers, report
+        assert report.materialized_before == {} and report.weights_read_out_in == 0, report
 
 
 def test_prefill_padding_at_row_end_does_not_change_real_tokens():
