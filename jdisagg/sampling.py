@@ -11,7 +11,8 @@ GPU every iteration of one would wait for the host to read its predicate):
   threshold, then samples like temperature alone. The threshold is an exact radix select over the logits'
   32-bit order keys (``_select``), digit by digit from the top: each digit is the largest whose tokens at or
   above it still hold the wanted count (top-k) or probability mass (top-p). Its cost is a fixed number of
-  passes over the vocabulary, the same for a flat distribution as for a peaked one.
+  passes over the vocabulary, the same for a flat distribution as for a peaked one. (On CPU a top-k of at
+  most 64 is read off ``lax.top_k`` instead, which is cheaper there and gives the same key.)
 
 How a digit's sums are taken is the platform's choice (``lax.platform_dependent``), by measurement at vocab
 128,256 and batch 16 (docs/benchmarks.md): on CPU a scatter-add histogram of 65,536 bins gives two 8-bit
@@ -108,7 +109,7 @@ def _filter_weights(logits: jax.Array, weights: jax.Array, top_k: jax.Array, top
     keep_all = jnp.zeros(keys.shape[:1], jnp.uint32)  # the smallest key
     k_key = jax.lax.cond(
         jnp.any(top_k > 0),
-        lambda: jnp.where(top_k > 0, _select(keys, jnp.ones_like(weights), top_k.astype(jnp.float32)), 0),
+        lambda: jnp.where(top_k > 0, _kth_largest_keys(logits, keys, top_k), 0),
         lambda: keep_all,
     )
     weights = jnp.where(keys >= k_key[:, None], weights, 0.0)
@@ -118,6 +119,26 @@ def _filter_weights(logits: jax.Array, weights: jax.Array, top_k: jax.Array, top
         lambda: keep_all,
     )
     return jnp.where(keys >= p_key[:, None], weights, 0.0)
+
+
+_CPU_TOP_K = 64  # on CPU, lax.top_k over this many is cheaper than a search (on a GPU it is not)
+
+
+def _kth_largest_keys(logits: jax.Array, keys: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Per row, the key of the ``top_k``-th largest logit: the count search, or on CPU, when every row's
+    ``top_k`` is at most 64, read off ``lax.top_k``. Both are exact (no float sums), so a row's key does not
+    depend on which one its batch took."""
+
+    def by_count() -> jax.Array:
+        return _select(keys, jnp.ones(keys.shape, jnp.float32), top_k.astype(jnp.float32))
+
+    def on_cpu() -> jax.Array:
+        candidates = min(_CPU_TOP_K, logits.shape[-1])
+        values = jax.lax.top_k(logits, candidates)[0]
+        kth = jnp.take_along_axis(values, jnp.clip(top_k - 1, 0, candidates - 1)[:, None], axis=-1)[:, 0]
+        return jax.lax.cond(jnp.all(top_k <= candidates), lambda: _order_keys(kth), by_count)
+
+    return jax.lax.platform_dependent(cpu=on_cpu, default=by_count)
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
