@@ -12,8 +12,10 @@ and prints what would make a step read more or launch more:
   transpose, copy or gather as large as a weight matrix;
 - after the backend's optimisation (this machine's backend: CPU here, the GPU's pipeline on a GPU): the
   launches of the entry computation (fusions, library calls, loose ops) per layer, the weight-sized
-  converts/copies/transposes left anywhere in the module, copies of a whole layer's KV cache (its update
-  should happen in place), and XLA's estimate of the bytes the step accesses against the params' bytes;
+  converts/copies/transposes written to memory (entry ops and fusion outputs: inside a fusion they stay in
+  registers), matmuls XLA rewrote as a weight-sized multiply + reduce inside a fusion (a GEMV run by a
+  reduction kernel rather than a GEMM), copies of a whole layer's KV cache (its update should happen in
+  place), and XLA's estimate of the bytes the step accesses against the params' bytes;
 - ``--time`` (on an accelerator): the median step time with zero weights against params / copy bandwidth.
 
     python tools/inspect_hlo.py --config llama3-8b --dtype bfloat16            # CPU or GPU: the HLO
@@ -76,6 +78,7 @@ class Instruction:
     attrs: str
     line: str
     computation: str
+    root: bool
 
     @property
     def size(self) -> int:
@@ -88,7 +91,7 @@ def parse_hlo(text: str) -> list[Instruction]:
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.endswith("{") and "=" not in stripped.split("(")[0]:
-            computation = "ENTRY" if stripped.startswith("ENTRY") else stripped.split()[0]
+            computation = "ENTRY" if stripped.startswith("ENTRY") else stripped.split()[0].lstrip("%")
             continue
         match = _INSTRUCTION.match(line)
         if match:
@@ -96,7 +99,7 @@ def parse_hlo(text: str) -> list[Instruction]:
             operands = [o.strip().lstrip("%").split(" ")[-1]
                         for o in match["operands"].split(",") if o.strip()]
             out.append(Instruction(match["name"], match["dtype"], dims, match["op"], operands, match["attrs"],
-                                   stripped, computation))
+                                   stripped, computation, stripped.startswith("ROOT")))
     return out
 
 
@@ -112,6 +115,7 @@ class Report:
     launch_kinds: dict[str, int]
     materialized_after: dict[str, int]
     kv_copies_after: dict[str, int]
+    matmuls_as_reductions: int
     bytes_accessed_gb: float | None
     param_gb: float
     excerpts: list[str]
@@ -139,7 +143,8 @@ def analyse(name: str, layout: str, lowered: jax.stages.Lowered, *, num_layers: 
     after = parse_hlo(compiled.as_text())
     entry = [i for i in after if i.computation == "ENTRY" and i.op not in _FREE]
     kinds = Counter(_launch_kind(i) for i in entry)
-    excerpts = [i.line[:220] for i in after if _materializes_weight(i, weight_size, kv_shapes)][:6]
+    fused = _fused_computations(after)
+    excerpts = [i.line[:220] for i in after if _materializes_weight(i, weight_size, kv_shapes, fused)][:6]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     accessed = cost.get("bytes accessed") if cost else None
@@ -150,8 +155,10 @@ def analyse(name: str, layout: str, lowered: jax.stages.Lowered, *, num_layers: 
         materialized_before=_materialized(before, weight_size, kv_shapes),
         launches=len(entry), launches_per_layer=len(entry) / num_layers, launch_kinds=dict(kinds),
         materialized_after=_materialized(after, weight_size, kv_shapes),
-        kv_copies_after=dict(Counter(f"{i.op} {i.dtype}" for i in after
-                                     if i.op in ("copy", "convert") and i.shape in kv_shapes)),
+        kv_copies_after=dict(Counter(f"{i.op} {i.dtype}" for i in after if i.op in ("copy", "convert")
+                                     and i.shape in kv_shapes and (i.root or i.computation not in fused))),
+        matmuls_as_reductions=sum(1 for i in after if i.op == "multiply" and i.computation in fused
+                                  and i.size >= weight_size and i.shape not in kv_shapes),
         bytes_accessed_gb=None if accessed is None else accessed / 1e9, param_gb=param_bytes / 1e9,
         excerpts=excerpts,
     )
@@ -168,14 +175,24 @@ def _launch_kind(i: Instruction) -> str:
     return i.op
 
 
-def _materializes_weight(i: Instruction, weight_size: int, kv_shapes: set[tuple[int, ...]]) -> bool:
-    return i.op in _MATERIALIZING and i.size >= weight_size and i.shape not in kv_shapes
+def _fused_computations(instructions: list[Instruction]) -> set[str]:
+    """Computations a fusion calls: inside them only the root is written to memory, the rest is registers
+    (a broadcast or convert feeding a reduction inside one kernel costs no traffic of its own)."""
+    calls = (re.search(r"calls=%?([\w.\-]+)", i.attrs) for i in instructions if i.op == "fusion")
+    return {m[1] for m in calls if m}
+
+
+def _materializes_weight(i: Instruction, weight_size: int, kv_shapes: set[tuple[int, ...]],
+                         fused: set[str]) -> bool:
+    written = i.root or i.computation not in fused
+    return written and i.op in _MATERIALIZING and i.size >= weight_size and i.shape not in kv_shapes
 
 
 def _materialized(instructions: list[Instruction], weight_size: int, kv_shapes: set[tuple[int, ...]]) -> dict:
-    """Weight-sized tensors written by converts, transposes, copies, gathers..., counted by op."""
+    """Weight-sized tensors written to memory by converts, transposes, copies, gathers..., counted by op."""
+    fused = _fused_computations(instructions)
     return dict(Counter(f"{i.op} {i.dtype}" for i in instructions
-                        if _materializes_weight(i, weight_size, kv_shapes)))
+                        if _materializes_weight(i, weight_size, kv_shapes, fused)))
 
 
 def programs(config, fused: Fused, batch: int, context: int, mesh: Mesh) -> dict[str, tuple]:
@@ -238,7 +255,8 @@ def print_report(r: Report) -> None:
         f"the params' {r.param_gb:.2f} GB")
     print(f"  after optimisation: {r.launches} launches = {r.launches_per_layer:.1f} per layer; "
           f"bytes accessed (XLA's estimate) {accessed}")
-    print(f"    launches by kind: {dict(sorted(r.launch_kinds.items(), key=lambda kv: -kv[1]))}")
+    print(f"    launches by kind: {dict(sorted(r.launch_kinds.items(), key=lambda kv: -kv[1]))}; "
+          f"matmuls rewritten as a weight-sized multiply + reduce in one fusion: {r.matmuls_as_reductions}")
     print(f"    weight-sized writes: {r.materialized_after or 'none'}; whole KV cache copies or converts "
           f"(the update should be in place): {r.kv_copies_after or 'none'}")
     for line in r.excerpts:
