@@ -1,7 +1,9 @@
 """The gRPC server end to end: a real ``jdisagg launch`` subprocess against an in-process ``Engine``.
 
 The server compiles while the in-process reference engine compiles, so the module pays for about one
-compile. A second, tiny server (one device per phase, room for one waiting request) covers queue-full.
+compile; the reference has one decode replica of the server's TP degree (a request's tokens do not depend
+on which replica or batch runs it) and no prefix cache (the prompts fill no page), so it compiles less.
+A second, tiny server (one device per phase, room for one waiting request) covers queue-full.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def engine(server) -> Iterator[Engine]:
     """Built while the server subprocess compiles the same programs."""
-    eng = Engine(None, progress=False, **SETTINGS)
+    eng = Engine(None, progress=False, **{**SETTINGS, "decode_mesh": "2x1"}, prefix_cache=False)
     server.wait_ready()
     yield eng
     eng.shutdown(drain=False)
