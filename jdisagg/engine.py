@@ -120,15 +120,22 @@ class Engine:
         max_queue: int = 256,
         progress: bool = True,
         served_model_name: str | None = None,
+        prefix_cache: bool = True,
     ) -> Engine:
         """An engine over replicas built elsewhere, e.g. proxies of worker processes (``jdisagg.workers``):
         anything that implements the ``jdisagg.executors`` Protocols. One whose ``alive`` is False is skipped
-        until it comes back. The prefix cache and local prefill are off: worker processes cannot hand off
-        a suffix or prefill from their pages yet."""
-        log.info("prefix cache and local prefill are off over worker processes (not supported there yet)")
+        until it comes back. ``prefix_cache``: as ``Engine``'s (the prefill replicas must take
+        ``cached_tokens``). Local prefill stays off: worker proxies cannot prefill from their pages
+        (``local_chunk`` 0). A decode replica with ``watch_pages`` reports when its pages' KV is gone (a
+        lost worker): what it held fails and its cached pages are forgotten."""
+        log.info("prefix cache %s, local prefill off (worker processes)", "on" if prefix_cache else "off")
         engine = cls.__new__(cls)
         engine._configure(config, tokenizer, sizes, max_queue, served_model_name or "unnamed")
-        engine._start(list(prefill), list(decode), progress, False, 0, 1)
+        engine._start(list(prefill), list(decode), progress, prefix_cache, 0, 1)
+        for replica in decode:
+            if hasattr(replica, "watch_pages"):
+                replica.watch_pages(lambda index, reason: engine._stages.call(
+                    engine.scheduler.replica_failed, index, reason, "UNAVAILABLE"))
         return engine
 
     def _configure(

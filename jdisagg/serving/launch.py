@@ -57,7 +57,7 @@ class LaunchOptions:
     served_model_name: str | None = None  # the metrics' model_name; None: the model directory's name
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off
     chat_template: str | None = None  # a Jinja file replacing the model's chat template
-    prefix_cache: bool = True  # off across worker processes (not supported there yet)
+    prefix_cache: bool = True
     local_prefill_tokens: int | None = None  # None: every prompt when colocated, else none
     step_token_budget: int = 512
 
@@ -162,12 +162,16 @@ def _start_http(opts: LaunchOptions) -> HTTPServer:
 
 
 def _check_process_options(opts: LaunchOptions) -> None:
-    """The front sizes the KV cache before any worker has seen its devices, so it cannot take a share of
-    their memory: refuse what would be silently ignored."""
+    """Refuse what would be silently ignored: the front sizes the KV cache before any worker has seen its
+    devices, so it cannot take a share of their memory, and decode workers cannot prefill locally."""
     if opts.memory_fraction is not None:
         raise ValueError("--memory-fraction is not supported with --processes (the front counts the KV "
                          "pages before any worker sees its devices): state the budget per decode device with "
                          "--kv-cache-gb, or the page count with --num-pages")
+    if opts.local_prefill_tokens:
+        raise ValueError("--local-prefill-tokens is not supported with --processes (decode workers do not "
+                         "prefill from their pages: every prompt is prefilled on a prefill worker, and with "
+                         "the prefix cache only its uncached suffix is handed off)")
 
 
 def _worker_sizes(opts: LaunchOptions, config: ModelConfig, decode_tp: int) -> ServingSizes:
@@ -209,7 +213,7 @@ def _start_processes(
                   host=opts.host, port=opts.control_port, attention_backend=opts.attention_backend,
                   max_queue=opts.max_queue, tokenizer_path=opts.tokenizer,
                   served_model_name=opts.served_model_name, dtype=opts.dtype,
-                  kv_cache_dtype=opts.kv_cache_dtype)
+                  kv_cache_dtype=opts.kv_cache_dtype, prefix_cache=opts.prefix_cache)
     print(f"jdisagg: workers join at {front.address}", flush=True)
     cpus = {"prefill": opts.prefill_cpus, "decode": opts.decode_cpus}
     children = spawn_workers(front, devices_per_worker=opts.worker_devices, cpus=cpus, progress=opts.progress,

@@ -17,7 +17,7 @@ class SettingsRequest(_message.Message):
     def __init__(self, role: _Optional[str] = ...) -> None: ...
 
 class Settings(_message.Message):
-    __slots__ = ("model", "page_size", "num_pages", "max_context", "max_batch", "attention_backend", "tp", "offer_timeout_s")
+    __slots__ = ("model", "page_size", "num_pages", "max_context", "max_batch", "attention_backend", "tp", "offer_timeout_s", "prefix_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Settings(_message.Message):
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     OFFER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     page_size: int
     num_pages: int
@@ -34,7 +35,8 @@ class Settings(_message.Message):
     attention_backend: str
     tp: int
     offer_timeout_s: float
-    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., attention_backend: _Optional[str] = ..., tp: _Optional[int] = ..., offer_timeout_s: _Optional[float] = ...) -> None: ...
+    prefix_cache: bool
+    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., attention_backend: _Optional[str] = ..., tp: _Optional[int] = ..., offer_timeout_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("role", "address", "fingerprint", "device", "pid")
@@ -89,18 +91,20 @@ class SamplingRow(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_top: _Optional[int] = ...) -> None: ...
 
 class KVLayout(_message.Message):
-    __slots__ = ("shape", "dtype", "num_shards", "checksums", "num_pieces")
+    __slots__ = ("shape", "dtype", "num_shards", "checksums", "num_pieces", "last_piece_tokens")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     NUM_PIECES_FIELD_NUMBER: _ClassVar[int]
+    LAST_PIECE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     num_shards: int
     checksums: _containers.RepeatedScalarFieldContainer[float]
     num_pieces: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ..., checksums: _Optional[_Iterable[float]] = ..., num_pieces: _Optional[int] = ...) -> None: ...
+    last_piece_tokens: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_shards: _Optional[int] = ..., checksums: _Optional[_Iterable[float]] = ..., num_pieces: _Optional[int] = ..., last_piece_tokens: _Optional[int] = ...) -> None: ...
 
 class KVOffer(_message.Message):
     __slots__ = ("transfer_address", "uuid", "layout")
@@ -113,14 +117,16 @@ class KVOffer(_message.Message):
     def __init__(self, transfer_address: _Optional[str] = ..., uuid: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("token_ids", "sampling", "forced")
+    __slots__ = ("token_ids", "sampling", "forced", "cached_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     FORCED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingRow
     forced: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingRow, _Mapping]] = ..., forced: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingRow, _Mapping]] = ..., forced: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("token", "logprob", "offer", "top_ids", "top_logprobs")
@@ -137,10 +143,14 @@ class PrefillReply(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., offer: _Optional[_Union[KVOffer, _Mapping]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("offer",)
+    __slots__ = ("offer", "prompt_tokens", "cached_tokens")
     OFFER_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     offer: KVOffer
-    def __init__(self, offer: _Optional[_Union[KVOffer, _Mapping]] = ...) -> None: ...
+    prompt_tokens: int
+    cached_tokens: int
+    def __init__(self, offer: _Optional[_Union[KVOffer, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StagedKV(_message.Message):
     __slots__ = ("id",)

@@ -248,7 +248,7 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
-        """Prefill role: run the prompt, offer its KV, return the first token.
+        """Prefill role: run the prompt, offer its KV (after its cached prefix), return the first token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

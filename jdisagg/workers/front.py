@@ -101,6 +101,9 @@ class Front:
             UNAVAILABLE, and the worker registers again once it runs. A refused connection evicts at once.
         dtype / kv_cache_dtype: what spawned workers serve params and KV pages in (``jdisagg worker
             --dtype/--kv-cache-dtype``); a worker whose params have another dtype than ``dtype`` is refused.
+        prefix_cache: reuse the KV a decode worker already holds for a prompt's full-page prefix, so only
+            the rest is handed off (prefill workers compile the programs that cut it; they learn it from
+            the settings).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class Front:
         served_model_name: str | None = None,
         dtype: str = "auto",
         kv_cache_dtype: str = "auto",
+        prefix_cache: bool = True,
     ) -> None:
         from jdisagg.metrics import model_name_of
         from jdisagg.serving.plan import model_config
@@ -140,7 +144,7 @@ class Front:
                        phase=phase)
         self.specs = {"prefill": prefill, "decode": decode}
         self.sizes, self.attention_backend = sizes, attention_backend
-        self.offer_timeout_s = offer_timeout_s
+        self.offer_timeout_s, self.prefix_cache = offer_timeout_s, prefix_cache
         self.dtype, self.kv_cache_dtype = dtype, kv_cache_dtype  # what spawned workers serve in
         self.prefill = [RemotePrefillReplica(i, rpc_timeout_s) for i in range(prefill.dp)]
         self.decode = [RemoteDecodeReplica(i, sizes.num_pages, rpc_timeout_s, pull_timeout_s)
@@ -158,6 +162,7 @@ class Front:
         self.engine = Engine.from_replicas(
             self.config, tokenizer, self.prefill, self.decode, sizes=sizes, max_queue=max_queue,
             progress=False, served_model_name=served_model_name or model_name_of(self.model),
+            prefix_cache=prefix_cache,
         )
         self._stop = threading.Event()
         for slot in self.slots:  # one prober per slot: a stalled worker must not delay the others' probes
@@ -171,7 +176,7 @@ class Front:
         return wpb.Settings(
             model=self.model or "", page_size=s.page_size, num_pages=s.num_pages, max_context=s.max_context,
             max_batch=s.max_batch, attention_backend=self.attention_backend or "", tp=self.specs[role].tp,
-            offer_timeout_s=self.offer_timeout_s,
+            offer_timeout_s=self.offer_timeout_s, prefix_cache=self.prefix_cache,
         )
 
     @property

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -57,6 +58,16 @@ def _sampled(tokens: Sequence[int], logprobs: Sequence[float], reply: Any) -> Sa
     return Sampled(np.array(tokens, np.int32), np.array(logprobs, np.float32), top_ids, top_lps)
 
 
+@dataclass(frozen=True)
+class RemoteKV:
+    """A prefill worker's offer with the prompt it is for, as the front scheduled it: the decode worker
+    accepts only the pieces of that prompt's hand-off after its cached prefix."""
+
+    offer: wpb.KVOffer
+    prompt_tokens: int
+    cached_tokens: int
+
+
 class RemoteReplica:
     """A slot for one worker of a role: dead until a worker registers into it."""
 
@@ -78,12 +89,15 @@ class RemoteReplica:
     def connect(self, address: str, pid: int | None, lease: int) -> None:
         """Take a freshly registered worker into this slot (or the same worker again, under a new lease)."""
         with self._lock:
+            replaced = self._stub is not None
             self._close()
             self._channel = grpc.insecure_channel(address)
             self._stub = wpb_grpc.WorkerStub(self._channel)
             self.address, self.pid, self.lease = address, pid, lease
             self.last_seen = time.monotonic()
         log.info("%s slot %d: worker at %s (pid %s) joined", self.role, self.index, address, pid)
+        if replaced:  # the same address registered again without being lost first: it starts afresh
+            self._state_lost(f"worker at {address} registered again")
 
     def mark_dead(self, reason: str, stub: wpb_grpc.WorkerStub | None = None) -> None:
         """Evict the worker; with ``stub``, only if the slot still holds that connection (a late failure of
@@ -93,6 +107,10 @@ class RemoteReplica:
                 return
             self._close()
         log.warning("%s slot %d: worker at %s lost (%s)", self.role, self.index, self.address, reason)
+        self._state_lost(f"{self.role} worker {self.index} ({self.address}) lost: {reason}")
+
+    def _state_lost(self, reason: str) -> None:
+        """What the worker held is gone (a decode worker's pages); nothing to do for a prefill worker."""
 
     def _close(self) -> None:
         if self._channel is not None:
@@ -155,17 +173,16 @@ class RemotePrefillReplica(RemoteReplica):
     def __init__(self, index: int, rpc_timeout_s: float) -> None:
         super().__init__("prefill", index, rpc_timeout_s)
 
-    def run(
-        self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
-    ) -> tuple[Sampled, wpb.KVOffer]:
-        reply = self._call(
-            "Prefill", wpb.PrefillRequest(token_ids=list(token_ids), sampling=_row(sampling), forced=forced)
-        )
-        return _sampled([reply.token], [reply.logprob], reply), reply.offer
+    def run_batch(self, prompts: Sequence[PromptInput]) -> list[tuple[Sampled, RemoteKV]]:
+        """One ``Prefill`` RPC per prompt; a prompt with ``cached_tokens`` is offered only after them."""
+        return [self._run(p) for p in prompts]
 
-    def run_batch(self, prompts: Sequence[PromptInput]) -> list[tuple[Sampled, wpb.KVOffer]]:
-        """One ``Prefill`` RPC per prompt."""
-        return [self.run(p.token_ids, p.sampling, p.forced) for p in prompts]
+    def _run(self, p: PromptInput) -> tuple[Sampled, RemoteKV]:
+        request = wpb.PrefillRequest(token_ids=list(p.token_ids), sampling=_row(p.sampling), forced=p.forced,
+                                     cached_tokens=p.cached_tokens)
+        reply = self._call("Prefill", request)
+        kv = RemoteKV(reply.offer, len(p.token_ids), p.cached_tokens)
+        return _sampled([reply.token], [reply.logprob], reply), kv
 
 
 class RemoteDecodeReplica(RemoteReplica):
@@ -175,10 +192,20 @@ class RemoteDecodeReplica(RemoteReplica):
         super().__init__("decode", index, rpc_timeout_s)
         self.num_pages = num_pages
         self._pull_timeout = pull_timeout_s
+        self._pages_lost: Callable[[int, str], None] = lambda index, reason: None
 
-    def receive(self, offer: wpb.KVOffer) -> tuple[wpb.StagedKV, int]:
+    def watch_pages(self, lost: Callable[[int, str], None]) -> None:
+        """Call ``lost(index, reason)`` whenever this slot's worker, and with it the KV in its pages, is gone
+        (lost, or registered afresh): the engine must forget the prefix cache it kept for those pages."""
+        self._pages_lost = lost
+
+    def _state_lost(self, reason: str) -> None:
+        self._pages_lost(self.index, reason)
+
+    def receive(self, kv: RemoteKV) -> tuple[wpb.StagedKV, int]:
         """The decode worker pulls the offer from the prefill worker and stages it until ``insert``."""
-        reply = self._call("Pull", wpb.PullRequest(offer=offer), self._pull_timeout)
+        reply = self._call("Pull", wpb.PullRequest(offer=kv.offer, prompt_tokens=kv.prompt_tokens,
+                                                   cached_tokens=kv.cached_tokens), self._pull_timeout)
         return reply.staged, reply.bytes
 
     def insert(self, staged: wpb.StagedKV, pages: Sequence[int]) -> None:
@@ -190,7 +217,7 @@ class RemoteDecodeReplica(RemoteReplica):
         except (WorkerUnavailableError, RuntimeError) as exc:
             log.debug("discard of staged KV %d failed: %s", staged.id, exc)
 
-    local_chunk = 0  # no local prefill across processes yet: the scheduler never sends a worker chunks
+    local_chunk = 0  # no local prefill across processes: the scheduler never sends a worker chunks
 
     def prefill_local(self, chunks: Sequence[LocalChunk]) -> Sampled:
         raise NotImplementedError(f"decode worker {self.index} cannot prefill locally (local_chunk is 0)")
