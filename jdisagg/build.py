@@ -48,7 +48,7 @@ def _load_onto(
     key = (tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()), PHASE_RULES[phase])
     if key not in loaded:
         heads = {"num_heads": source.config.num_heads, "num_kv_heads": source.config.num_kv_heads}
-        loaded[key] = nnx.split(source.load(param_sharding_fn(mesh, PHASE_RULES[phase], heads)))
+        loaded[key] = nnx.split(source.load(param_sharding_fn(mesh, PHASE_RULES[phase], heads), fuse=True))
     return loaded[key]
 
 

@@ -41,6 +41,10 @@ LLAMA_RULES: tuple[ShardRule, ...] = (
     ShardRule(r"layers/\d+/self_attn/o_proj/kernel", _ROW, "num_heads"),
     ShardRule(r"layers/\d+/mlp/(gate|up)_proj/kernel", _COLUMN),
     ShardRule(r"layers/\d+/mlp/down_proj/kernel", _ROW),
+    # Serving's fused projections (jdisagg.models.fused): kv-head-grouped q/k/v, and gate/up stacked.
+    ShardRule(r"layers/\d+/self_attn/qkv_proj/kernel", _COLUMN, "num_kv_heads"),
+    ShardRule(r"layers/\d+/self_attn/qkv_proj/bias", (TP_AXIS,), "num_kv_heads"),
+    ShardRule(r"layers/\d+/mlp/gate_up_proj/kernel", (None, None, TP_AXIS)),
     ShardRule(r"lm_head/kernel", _COLUMN),
 )
 

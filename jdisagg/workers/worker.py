@@ -259,7 +259,8 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     mesh = Mesh(np.array(devices[: settings.tp]), (TP_AXIS,))
     heads = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads}
     # Each device reads only its slice of each param, straight into this role's sharding.
-    graphdef, state = nnx.split(source.load(param_sharding_fn(mesh, PHASE_RULES[opts.role], heads)))
+    shardings = param_sharding_fn(mesh, PHASE_RULES[opts.role], heads)
+    graphdef, state = nnx.split(source.load(shardings, fuse=True))  # serving's fused projections
     kv_dtype = str(jax.tree.leaves(state)[0].dtype)  # the hand-off's: what prefill produces
     sizes = ServingSizes(settings.page_size, settings.max_batch, settings.max_context, settings.num_pages)
     if opts.role == "prefill":
