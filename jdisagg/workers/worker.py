@@ -35,6 +35,10 @@ class WorkerStartError(Exception):
     """The worker cannot start (front unreachable, settings it cannot serve, refused): exit 2."""
 
 
+class InvalidRequestError(ValueError):
+    """A request this worker refuses before running anything (INVALID_ARGUMENT)."""
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     role: str
@@ -67,6 +71,7 @@ def fingerprint(config: Any, kv_dtype: str, settings: wpb.Settings) -> str:
             "num_pages": settings.num_pages,
             "max_context": settings.max_context,
             "max_batch": settings.max_batch,
+            "prefix_cache": settings.prefix_cache,
         },
         sort_keys=True,
     )
@@ -84,14 +89,16 @@ def parse_cpus(text: str) -> set[int]:
 @contextmanager
 def _rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     """Map failures onto status codes the front tells apart: FAILED_PRECONDITION for a refused hand-off,
-    ABORTED for a lost peer (the sender's transfer server), INTERNAL for the rest. UNAVAILABLE is never
-    sent: it means *this* worker is gone."""
+    INVALID_ARGUMENT for a refused request, ABORTED for a lost peer (the sender's transfer server), INTERNAL
+    for the rest. UNAVAILABLE is never sent: it means *this* worker is gone."""
     from jdisagg.workers.handoff import LayoutMismatchError, PeerLostError
 
     try:
         yield
     except LayoutMismatchError as exc:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except InvalidRequestError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except PeerLostError as exc:
         context.abort(grpc.StatusCode.ABORTED, str(exc))
     except KeyError as exc:
@@ -129,16 +136,17 @@ class WorkerService(wpb_grpc.WorkerServicer):
         return wpb.Empty()
 
     def Prefill(self, request: wpb.PrefillRequest, context: grpc.ServicerContext) -> wpb.PrefillReply:
-        from jdisagg.executors import SamplingRow
+        from jdisagg.executors import PromptInput, SamplingRow
 
         self._require("prefill", context)
         s = request.sampling
+        row = SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top)
+        prompt = PromptInput(list(request.token_ids), row, request.forced, request.cached_tokens)
         with _rpc_errors(context):
-            sampled, kv = self._replica.run(
-                list(request.token_ids),
-                SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top),
-                request.forced,
-            )
+            try:  # the KV is cut after the cached prefix (jdisagg.kv_suffix): offered is only the rest
+                ((sampled, kv),) = self._replica.run_batch([prompt])
+            except ValueError as exc:  # checked before anything runs: a prompt or cached prefix it cannot cut
+                raise InvalidRequestError(str(exc)) from exc
             if not context.is_active():  # the front gave up on this call (e.g. evicted us mid-stall):
                 return wpb.PrefillReply()  # nobody would ever pull an offer, so make none
             offer = self._sender.offer(kv)
@@ -152,9 +160,12 @@ class WorkerService(wpb_grpc.WorkerServicer):
 
     def Pull(self, request: wpb.PullRequest, context: grpc.ServicerContext) -> wpb.PullReply:
         self._require("decode", context)
+        if request.prompt_tokens < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a pull must name the prompt it is for "
+                          f"(prompt_tokens={request.prompt_tokens})")
         with _rpc_errors(context):
             start = time.perf_counter()
-            pieces = self._receiver.pull(request.offer)
+            pieces = self._receiver.pull(request.offer, request.prompt_tokens, request.cached_tokens)
             seconds = time.perf_counter() - start
             with self._lock:
                 staged_id, self._next_id = self._next_id, self._next_id + 1
@@ -264,16 +275,17 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     kv_dtype = str(jax.tree.leaves(state)[0].dtype)  # the hand-off's: what prefill produces
     sizes = ServingSizes(settings.page_size, settings.max_batch, settings.max_context, settings.num_pages)
     if opts.role == "prefill":
-        # Workers get no cached tokens nor local chunks yet (issue 16): none of those programs compile.
-        replica = build_prefill_replica(0, mesh, graphdef, state, sizes, suffix_handoff=False)
+        # The suffix cuts compile only when the front sends cached tokens (its prefix cache is on).
+        replica = build_prefill_replica(0, mesh, graphdef, state, sizes, suffix_handoff=settings.prefix_cache)
         offer_timeout = settings.offer_timeout_s if opts.offer_timeout is None else opts.offer_timeout
         sender = KVSender(opts.host, offer_timeout)
         service = WorkerService("prefill", replica, sender=sender)
     else:
+        # No local prefill across processes (the front never sends chunks): its programs do not compile.
         replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None,
                                        cache_dtype, local_chunk=0)
         expected = ExpectedKV(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
-                              sizes.prefill_buckets, sizes.chunk_capacity)
+                              sizes.prefill_buckets, sizes.chunk_capacity, sizes.page_size)
         receiver = KVReceiver(opts.host, mesh, replica.kv_sharding, expected)
         service = WorkerService("decode", replica, receiver=receiver)
     tasks = replica.compile_tasks()
