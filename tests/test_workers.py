@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +45,16 @@ SIZES = plan_sizes(DEMO_CONFIG, page_size=16, max_batch=4, max_context=128, num_
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nWe are", "To be, or not", "KING HENRY", "Ay"]
 GREEDY = SamplingParams(max_tokens=24)
 SAMPLED = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, seed=7)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, DEMO_CONFIG.vocab_size, n).tolist()
+
+
+# Prompts of 64 tokens sharing their first 48 (three pages): the second one's hand-off is its last 16.
+SHARED_PREFIX = _ids(48, seed=11)
+PREFIX_PROMPTS = [SHARED_PREFIX + _ids(16, seed=12), SHARED_PREFIX + _ids(16, seed=13)]
+TOKEN_KV_BYTES = 2 * DEMO_CONFIG.num_layers * DEMO_CONFIG.num_kv_heads * DEMO_CONFIG.head_dim * 4  # float32
 
 
 class Cluster:
@@ -122,13 +133,14 @@ def _reference_uncached(prefill: str, decode: str) -> dict[str, list[list[int]]]
     """One replica of each role's TP degree: every replica of a role runs the same programs and a request's
     tokens do not depend on what it is batched with (the cluster's own routing differs from run to run),
     so more replicas would only compile the same programs again on other devices. Without the prefix
-    cache, as over worker processes (``Engine.from_replicas``). TP2 -> TP1 at these sizes is
+    cache: the workers' answers, with it, must equal these. TP2 -> TP1 at these sizes is
     test_stop_strings' and test_bench's engine, whose programs a whole-suite run loads from its cache."""
     prefill, decode = (f"{parse_mesh_spec(spec).tp}x1" for spec in (prefill, decode))
     with Engine(prefill_mesh=prefill, decode_mesh=decode, page_size=SIZES.page_size,
                 max_batch=SIZES.max_batch, max_context=SIZES.max_context, prefix_cache=False,
                 progress=False) as engine:
-        return {"greedy": _texts(engine, GREEDY), "sampled": _texts(engine, SAMPLED)}
+        return {"greedy": _texts(engine, GREEDY), "sampled": _texts(engine, SAMPLED),
+                "prefix": [o.token_ids for o in engine.generate(PREFIX_PROMPTS, GREEDY)]}
 
 
 def _pages_used(front: Front) -> list[int]:
@@ -210,12 +222,110 @@ def test_mismatched_kv_layout_is_refused_never_decoded(tp2_to_tp1):
         swapped.layout.checksums.extend([c[1], c[0], c[3], c[2]])
         for bad, phrase in ((wrong_shape, "shape"), (swapped, "checksums differ")):
             with pytest.raises(grpc.RpcError) as err:
-                decode.Pull(wpb.PullRequest(offer=bad), timeout=30)
+                decode.Pull(wpb.PullRequest(offer=bad, prompt_tokens=2), timeout=30)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
             assert phrase in err.value.details()
-        staged = decode.Pull(wpb.PullRequest(offer=good), timeout=30).staged  # still serving
+        staged = decode.Pull(wpb.PullRequest(offer=good, prompt_tokens=2), timeout=30).staged  # still serving
         decode.Discard(staged, timeout=10)
     assert _texts(front.engine, GREEDY) == _reference("2x2", "1x2")["greedy"]
+
+
+def test_only_the_suffix_a_pull_names_is_accepted(tp2_to_tp1):
+    """A prefill worker cuts its offer after ``cached_tokens`` (a multiple of the page size below the
+    length, else INVALID_ARGUMENT); a decode worker takes it only for the prompt and cached prefix the pull
+    names: the suffix of a 20-token prompt after one page is refused as that prompt's whole KV, a pull
+    naming no prompt is refused, and the offer is taken once named right."""
+    front = tp2_to_tp1.front
+    with (grpc.insecure_channel(front.prefill[0].address) as p_channel,
+          grpc.insecure_channel(front.decode[0].address) as d_channel):
+        prefill, decode = wpb_grpc.WorkerStub(p_channel), wpb_grpc.WorkerStub(d_channel)
+        request = wpb.PrefillRequest(token_ids=_ids(20, seed=5), sampling=wpb.SamplingRow(top_p=1.0),
+                                     forced=-1, cached_tokens=5)
+        with pytest.raises(grpc.RpcError) as err:
+            prefill.Prefill(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "cached_tokens=5 must be a multiple of page_size=16" in err.value.details()
+        request.cached_tokens = 16
+        suffix = prefill.Prefill(request, timeout=30).offer
+        assert list(suffix.layout.shape)[1] == 16 and suffix.layout.num_pieces == 1  # 4 tokens, in bucket 16
+        for pull, code, phrase in (
+            (wpb.PullRequest(offer=suffix, prompt_tokens=20), grpc.StatusCode.FAILED_PRECONDITION,
+             "pieces of [16] tokens are not the hand-off of a 20-token prompt after 0 cached tokens"),
+            (wpb.PullRequest(offer=suffix), grpc.StatusCode.INVALID_ARGUMENT, "must name the prompt"),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                decode.Pull(pull, timeout=30)
+            assert err.value.code() == code and phrase in err.value.details(), err.value.details()
+        reply = decode.Pull(wpb.PullRequest(offer=suffix, prompt_tokens=20, cached_tokens=16), timeout=30)
+        assert reply.bytes == 16 * TOKEN_KV_BYTES
+        decode.Discard(reply.staged, timeout=10)
+
+
+def test_a_long_prompts_suffix_travels_as_chunk_pieces_and_a_shorter_last_one():
+    """The hand-off of a 150-token prompt (chunks of 128) after its first page: a 128-token window and the
+    16-token bucket of what is left, offered TP2 and pulled TP1 (one process: the transfer server and its
+    checks are the same). A pull naming the prompt without its cached page is refused before pulling."""
+    import jax
+    from jax.sharding import Mesh
+
+    from jdisagg.chunked_prefill import ChunkedKV
+    from jdisagg.meshes import TP_AXIS
+    from jdisagg.placement import handoff_sharding
+    from jdisagg.workers.handoff import ExpectedKV, KVReceiver, KVSender, LayoutMismatchError
+
+    send, receive = (Mesh(np.array(d), (TP_AXIS,)) for d in (jax.devices()[:2], jax.devices()[2:3]))
+    shape = DEMO_CONFIG.num_layers, DEMO_CONFIG.num_kv_heads, DEMO_CONFIG.head_dim
+    rng = np.random.default_rng(3)
+    pieces = [tuple(jax.device_put(rng.normal(size=(shape[0], tokens, *shape[1:])).astype(np.float32),
+                                   handoff_sharding(send, shape[1])) for _ in range(2))
+              for tokens in (128, 16)]
+    sender = KVSender("127.0.0.1", 30.0)  # kept referenced: its transfer server must outlive the pull
+    offer = sender.offer(ChunkedKV(tuple(pieces)))
+    assert (offer.layout.shape[1], offer.layout.num_pieces, offer.layout.last_piece_tokens) == (128, 2, 16)
+    receiver = KVReceiver("127.0.0.1", receive, handoff_sharding(receive, shape[1]),
+                          ExpectedKV(*shape, "float32", (16, 32, 64, 128), 256, 16))
+    with pytest.raises(LayoutMismatchError, match=r"pieces of \[128, 16\] tokens are not the hand-off of a "
+                                                  r"150-token prompt after 0 cached tokens \(pieces of "
+                                                  r"\[128, 128\] tokens\)"):
+        receiver.pull(offer, 150, 0)
+    got = receiver.pull(offer, 150, 16)
+    for (k, v), (k_sent, v_sent) in zip(got, pieces, strict=True):
+        assert np.array_equal(k, k_sent) and np.array_equal(v, v_sent)
+
+
+def test_launch_processes_refuses_local_prefill():
+    """Decode workers cannot prefill from their pages: asking for it is refused, not ignored."""
+    from jdisagg.serving.launch import LaunchOptions, _check_process_options
+
+    opts = LaunchOptions(model=None, prefill_mesh="1x1", decode_mesh="1x1", colocate=False, host="127.0.0.1",
+                         port=0, metrics_port=0, max_batch=4, page_size=16, num_pages=None, max_context=128,
+                         max_queue=8, attention_backend=None, drain_timeout=1.0, progress=False,
+                         processes=True, local_prefill_tokens=64)
+    with pytest.raises(ValueError, match="--local-prefill-tokens is not supported with --processes"):
+        _check_process_options(opts)
+
+
+def _cache_counters(engine: Engine) -> dict[str, float]:
+    stats = engine.stats()
+    return {"hit": stats["hit_tokens"], "handoff": stats["handoff_tokens"],
+            "bytes": engine.metrics.transfer_bytes._value.get()}
+
+
+def test_a_shared_prefix_is_handed_off_between_workers_as_its_suffix_only(tp2_to_tp1):
+    """The second of two 64-token prompts sharing three pages goes to the decode worker holding them, which
+    is handed off only the last 16 tokens' KV: a quarter of the first prompt's bytes. Both answers are the
+    in-process engine's without the cache."""
+    engine, want = tp2_to_tp1.front.engine, _reference("2x2", "1x2")["prefix"]
+    before = _cache_counters(engine)
+    assert engine.generate(PREFIX_PROMPTS[:1], GREEDY)[0].token_ids == want[0]
+    first = _cache_counters(engine)
+    assert engine.generate(PREFIX_PROMPTS[1:], GREEDY)[0].token_ids == want[1]
+    second = _cache_counters(engine)
+    assert first["hit"] == before["hit"] and second["hit"] - first["hit"] == 48
+    assert second["handoff"] - first["handoff"] == 16
+    first_bytes, second_bytes = first["bytes"] - before["bytes"], second["bytes"] - first["bytes"]
+    assert (first_bytes, second_bytes) == (64 * TOKEN_KV_BYTES, 16 * TOKEN_KV_BYTES)
+    assert _pages_used(tp2_to_tp1.front) == [0, 0]
 
 
 class Stream:
@@ -334,6 +444,29 @@ def test_sigkilled_prefill_worker_mid_prefill_is_retried_on_the_other_and_a_rest
         served.close()
 
 
+def test_a_decode_worker_killed_while_holding_cached_pages_takes_its_cache_with_it(tp2_to_tp1):
+    """SIGKILL an idle decode worker whose pages hold cached prefixes: once it is noticed, the front has
+    forgotten them (no cached page on its slot, the page invariant holds), so a worker restarted into the
+    slot, with empty pools, is never handed just the suffix of a prefix it does not hold; prompts sharing a
+    cached prefix get the in-process engine's tokens before and after it rejoins."""
+    front, engine = tp2_to_tp1.front, tp2_to_tp1.front.engine
+    want = _reference("2x2", "1x2")["prefix"]
+    assert [o.token_ids for o in engine.generate(PREFIX_PROMPTS, GREEDY)] == want
+    _wait(lambda: engine.stats()["live"] == 0, "every request ended")
+    cached = engine.stats()["pages_cached"]
+    slot = cached.index(max(cached))
+    assert cached[slot] >= 3
+    victim = tp2_to_tp1.child("decode", slot)
+    os.kill(victim.pid, signal.SIGKILL)
+    _wait(lambda: not front.decode[slot].alive, "the dead worker is noticed")
+    assert engine.stats()["pages_cached"][slot] == 0
+    with engine._cv:
+        engine.scheduler.check()
+    assert [o.token_ids for o in engine.generate(PREFIX_PROMPTS, GREEDY)] == want  # on the survivor
+    _survive_and_rejoin(tp2_to_tp1, "decode", slot, victim)
+    assert [o.token_ids for o in engine.generate(PREFIX_PROMPTS, GREEDY)] == want
+
+
 def _survive_and_rejoin(cluster: Cluster, role: str, slot: int, victim: subprocess.Popen) -> None:
     """After ``victim``'s death: its slot is dead, no request or page is left, the survivors serve, and a
     restarted worker takes the slot and serves the in-process reference's tokens."""
@@ -425,7 +558,7 @@ def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_s
         if front.poll() is None:
             front.kill()
     log_text = (tmp_path / "launch.log").read_text()
-    for said in ("prefill worker: params in bfloat16",
+    for said in ("prefill worker: params in bfloat16", "prefix cache on, local prefill off",
                  f"decode worker: params in bfloat16, KV pages in bfloat16 ({SIZES.num_pages} with scratch)"):
         assert said in log_text, log_text[-3000:]
     assert f"{LAUNCH_PAGE_BYTES} bytes per page" in log_text
