@@ -7,7 +7,7 @@ set-ups of the built-in demo model:
 
 - colocated: one ``jdisagg launch --colocate`` process on every core of the budget; prefill and decode
   share one device, and prompts are prefilled on the decode replica in chunks interleaved with decode
-  steps under a per-step token budget (chunked prefill, the strongest aggregated baseline).
+  steps under a per-step token budget (chunked prefill, Sarathi-Serve's aggregated baseline).
   ``colocated@N`` sets that budget to N tokens (``--setups colocated@64,colocated@128,...`` sweeps it).
 - colocated-unchunked: the same with ``--local-prefill-tokens 0``: each prompt is one prefill program
   between decode steps (what the earlier runs of this experiment compared against).
