@@ -4,16 +4,14 @@ changing a token (greedy against a dense, unpaged forward) and without compiling
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from dense_reference import dense_greedy
 
 from jdisagg.compile_counter import cache_hit_count, compile_count
 from jdisagg.engine import Engine
 from jdisagg.models import ModelConfig
-from jdisagg.models.loading import init_model, load_hf_model, save_hf_safetensors
+from jdisagg.models.loading import init_model, save_hf_safetensors
 from jdisagg.sampling_params import SamplingParams
 from jdisagg.sizes import ServingSizes
 from jdisagg.tokenizer import ByteTokenizer
@@ -40,22 +38,6 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _dense_greedy(checkpoint, prompt: list[int], n: int) -> list[int]:
-    graphdef, state = nnx.split(load_hf_model(checkpoint))
-
-    @jax.jit
-    def next_token(state, tokens, length):
-        logits = nnx.merge(graphdef, state)(tokens[None], jnp.arange(MAX_CONTEXT, dtype=jnp.int32)[None])
-        return jnp.argmax(logits[0, length - 1])
-
-    ids = list(prompt)
-    for _ in range(n):
-        padded = np.zeros(MAX_CONTEXT, np.int32)
-        padded[: len(ids)] = ids
-        ids.append(int(next_token(state, padded, len(ids))))
-    return ids[len(prompt):]
-
-
 def test_a_batch_crossing_a_width_boundary_keeps_its_tokens(checkpoint):
     rng = np.random.default_rng(0)
     long_prompt = rng.integers(0, 256, 250).tolist()  # 250 + 16 tokens: from the 256-token width to 512
@@ -67,5 +49,6 @@ def test_a_batch_crossing_a_width_boundary_keeps_its_tokens(checkpoint):
         outputs = engine.generate([long_prompt, short_prompt], params)
         assert (compile_count(), cache_hit_count()) == warm, "a page-table width was compiled while serving"
         assert engine.stats()["pages_used"] == [0]
-    assert outputs[0].token_ids == _dense_greedy(checkpoint, long_prompt, 16)
-    assert outputs[1].token_ids == _dense_greedy(checkpoint, short_prompt, 16)
+    generate = dense_greedy(checkpoint, MAX_CONTEXT)
+    assert outputs[0].token_ids == generate(tuple(long_prompt), 16)
+    assert outputs[1].token_ids == generate(tuple(short_prompt), 16)

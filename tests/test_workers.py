@@ -75,7 +75,7 @@ class Cluster:
             for role in dict.fromkeys(roles):
                 self.rejoin(role)
             for role in dict.fromkeys(roles):
-                self._wait_for_one(role)
+                self.front.wait_until_registered(role, 1, timeout_s=600.0, children=self.children)
             for role in dict.fromkeys(roles):
                 for _ in range(roles.count(role) - 1):
                     self.rejoin(role)
@@ -83,14 +83,6 @@ class Cluster:
         except BaseException:
             self.close()
             raise
-
-    def _wait_for_one(self, role: str) -> None:
-        deadline = time.monotonic() + 600.0
-        while not any(slot.alive for slot in getattr(self.front, role)):
-            dead = [c for c in self.children if c.poll() is not None]
-            assert not dead, f"a worker exited with {dead[0].returncode} before registering ({self.log_dir})"
-            assert time.monotonic() < deadline, f"no {role} worker registered within 600 s"
-            time.sleep(0.1)
 
     def child(self, role: str, index: int) -> subprocess.Popen:
         """The process serving slot ``index`` of ``role`` (workers take free slots in the order they finish

@@ -185,14 +185,27 @@ class Front:
 
     def wait_until_full(self, timeout_s: float, children: list[subprocess.Popen] | None = None) -> None:
         """Block until every slot has a live worker. Raises RuntimeError on timeout or a child's death."""
+        self._wait_for(self.slots, len(self.slots), timeout_s, children)
+
+    def wait_until_registered(
+        self, role: str, count: int, timeout_s: float, children: list[subprocess.Popen] | None = None
+    ) -> None:
+        """Block until ``count`` slots of ``role`` have a live worker (e.g. the first one, whose compiled
+        programs the others then load from the cache). Raises as ``wait_until_full``."""
+        self._wait_for([s for s in self.slots if s.role == role], count, timeout_s, children)
+
+    def _wait_for(
+        self, slots: list[RemoteReplica], count: int, timeout_s: float,
+        children: list[subprocess.Popen] | None,
+    ) -> None:
         deadline = time.monotonic() + timeout_s
-        while not all(s.alive for s in self.slots):
+        while sum(s.alive for s in slots) < count:
             for child in children or []:
                 if child.poll() is not None:
                     raise RuntimeError(f"worker process {child.pid} exited with {child.returncode} before "
                                        "registering (its log says why)")
             if time.monotonic() > deadline:
-                missing = [f"{s.role} {s.index}" for s in self.slots if not s.alive]
+                missing = [f"{s.role} {s.index}" for s in slots if not s.alive]
                 raise RuntimeError(f"no worker registered for {', '.join(missing)} within {timeout_s:.0f} s")
             time.sleep(0.1)
 
