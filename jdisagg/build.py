@@ -72,6 +72,7 @@ def build_replicas(
     memory_fraction: float | None,
     prefix_cache: bool = False,
     local_prefill: bool = False,
+    prefill_cache_gb: float | None = None,
 ) -> Built:
     """The replicas of an in-process engine (``Engine``'s arguments say what each one means). The
     programs only the prefix cache needs are compiled only with it: the prefill replicas' suffix
@@ -97,9 +98,14 @@ def build_replicas(
         unit="replica",
     )
     prefill, decode_params, loaded = [], [], {}
+    # The prefill replicas' own cache (jdisagg.prefill_cache) goes with the prefix cache; colocated it is off
+    # unless asked for, as the decode pages on the same devices hold the prefix already. None: its default.
+    if not prefix_cache or (colocate and prefill_cache_gb is None):
+        prefill_cache_gb = 0.0
+    cache_bytes = None if prefill_cache_gb is None else int(prefill_cache_gb * 2**30)
     for i, mesh in enumerate(layout.prefill.replicas):
         prefill.append(build_prefill_replica(i, mesh, *_load_onto(source, mesh, "prefill", loaded), sizes,
-                                             suffix_handoff=prefix_cache))
+                                             suffix_handoff=prefix_cache, prefill_cache_bytes=cache_bytes))
         placed.update()
     for mesh in layout.decode.replicas:
         decode_params.append(_load_onto(source, mesh, "decode", loaded))

@@ -60,6 +60,9 @@ class Engine:
             steps, when at most this many of its tokens are uncached (0: never). Default: every prompt
             when colocated (chunked prefill), never when disaggregated.
         step_token_budget: prompt tokens prefilled locally per decode step.
+        prefill_cache_gb: GiB of KV each prefill replica keeps of long prompts' leading chunks, so a prompt
+            sharing them is prefilled only from its first uncached chunk (``jdisagg.prefill_cache``); 0: off.
+            Default: one full context of KV, off when colocated or with ``prefix_cache`` off.
         devices: the devices to lay the meshes on (default: all visible; on a CPU-only host, when JAX has
             not started yet, the CPU is split into as many virtual devices as the meshes need).
     """
@@ -88,10 +91,11 @@ class Engine:
         prefix_cache: bool = True,
         local_prefill_tokens: int | None = None,
         step_token_budget: int = 512,
+        prefill_cache_gb: float | None = None,
     ) -> None:
-        if (local_prefill_tokens or 0) < 0 or step_token_budget < 1:
-            raise ValueError(f"want local_prefill_tokens >= 0 and step_token_budget >= 1, got "
-                             f"{local_prefill_tokens} and {step_token_budget}")
+        if (local_prefill_tokens or 0) < 0 or step_token_budget < 1 or (prefill_cache_gb or 0) < 0:
+            raise ValueError(f"want local_prefill_tokens >= 0, step_token_budget >= 1 and prefill_cache_gb "
+                             f">= 0, got {local_prefill_tokens}, {step_token_budget} and {prefill_cache_gb}")
         built = build_replicas(
             model, tokenizer=tokenizer, prefill_mesh=prefill_mesh, decode_mesh=decode_mesh, colocate=colocate,
             page_size=page_size, num_pages=num_pages, max_batch=max_batch, max_context=max_context,
@@ -99,6 +103,7 @@ class Engine:
             kv_cache_dtype=kv_cache_dtype, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,
             prefix_cache=prefix_cache,
             local_prefill=colocate if local_prefill_tokens is None else local_prefill_tokens > 0,
+            prefill_cache_gb=prefill_cache_gb,
         )
         self.layout = built.layout
         self._configure(built.config, built.tokenizer, built.sizes, max_queue,
@@ -174,6 +179,9 @@ class Engine:
         for role in ("prefill", "decode"):
             self.metrics.live_workers.labels(role).set_function(lambda role=role: self.live_replicas()[role])
         self.metrics.watch_scheduler(self.scheduler)
+        # In-process replicas expose their own prefix cache; a prefill worker keeps its cache to itself.
+        caches = [getattr(p, "prefill_cache", None) for p in prefill]
+        self.metrics.watch_prefill_caches([c for c in caches if c is not None])
         self._stages = Stages(self.scheduler, prefill, decode, OutputProcessor(self.tokenizer), self.metrics)
         self._cv = self._stages.lock  # the scheduler's lock: holding it pauses every scheduling decision
         self._stopping = False

@@ -11,7 +11,7 @@ Each attribute is already bound to this engine's ``model_name``: the engine call
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from jdisagg.prefill_cache import ChunkCache
     from jdisagg.scheduler import Scheduler
 
 _LATENCY_BUCKETS = (
@@ -162,3 +163,16 @@ class EngineMetrics:
              lambda: c.handoff_tokens),
         ):
             self.registry.register(_CountFromFunction(name, documentation, self.model_name, read))
+
+    def watch_prefill_caches(self, caches: Sequence[ChunkCache]) -> None:
+        """The prefill replicas' own prefix caches (``jdisagg.prefill_cache``), summed at scrape time."""
+        for name, documentation, read in (
+            ("jdisagg_prefill_cache_hit_tokens", "Prompt tokens a prefill replica took from its own cache "
+             "instead of computing them.", lambda: sum(c.hit_tokens for c in caches)),
+            ("jdisagg_prefill_cache_evictions", "Chunks evicted from the prefill replicas' caches.",
+             lambda: sum(c.evictions for c in caches)),
+        ):
+            self.registry.register(_CountFromFunction(name, documentation, self.model_name, read))
+        cached = Gauge("jdisagg_prefill_cache_bytes", "KV bytes in the prefill replicas' caches.",
+                       [MODEL_LABEL], registry=self.registry)
+        cached.labels(self.model_name).set_function(lambda: sum(c.bytes for c in caches))

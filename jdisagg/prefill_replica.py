@@ -2,7 +2,8 @@
 
 Used by the prefill thread only (``run_batch``), so nothing here locks. Short prompts run bucketed
 ``prefill[T]`` programs (several at once where a batched program fits), long ones run chunk by chunk
-(``jdisagg.chunked_prefill``); a prompt whose prefix the decode replica already holds hands off only its
+(``jdisagg.chunked_prefill``), from the first chunk the replica's own prefix cache does not hold
+(``jdisagg.prefill_cache``); a prompt whose prefix the decode replica already holds hands off only its
 suffix (``jdisagg.kv_suffix``).
 """
 
@@ -23,6 +24,7 @@ from jdisagg.kv_suffix import SuffixCutter
 from jdisagg.meshes import PHASE_RULES
 from jdisagg.placement import ModelShape, handoff_sharding, model_shape, place_params
 from jdisagg.placement import put_replicated as _put
+from jdisagg.prefill_cache import CachedChunkedPrefill, ChunkCache, default_cache_bytes
 from jdisagg.programs import compile_prefill, compile_prefill_batch, compile_sample_rows
 from jdisagg.sampler import Sampler
 from jdisagg.sizes import ServingSizes
@@ -58,6 +60,11 @@ class PrefillReplica:
         self._sample = Sampler(mesh, shape.vocab_size, (1, batch) if self.batched_buckets else (1,))
         self._chunked = chunked  # prompts longer than the largest bucket; None: the context fits one bucket
         self._suffix = suffix  # cuts the hand-off of a prompt with cached tokens; None: none are sent here
+
+    @property
+    def prefill_cache(self) -> ChunkCache | None:
+        """This replica's cache of long prompts' leading chunks (None: off, or no prompt is chunked)."""
+        return self._chunked.cache if isinstance(self._chunked, CachedChunkedPrefill) else None
 
     def compile_tasks(self) -> list[CompileTask]:
         def task(length: int) -> Callable[[], None]:
@@ -166,19 +173,33 @@ class PrefillReplica:
 
 def build_prefill_replica(
     index: int, mesh: Mesh, graphdef: nnx.GraphDef, state: Any, sizes: ServingSizes, *,
-    suffix_handoff: bool = True,
+    suffix_handoff: bool = True, prefill_cache_bytes: int | None = 0,
 ) -> PrefillReplica:
     """Place the params on ``mesh`` with the prefill rules; programs compile later (``compile_tasks``).
-    ``suffix_handoff``: compile the programs that cut a prompt's hand-off to its uncached suffix (off for
-    worker processes, which are never sent cached tokens)."""
+    ``suffix_handoff``: compile the programs that cut a prompt's hand-off to its uncached suffix (the
+    engine's prefix cache is on; off for worker processes whose front never sends cached tokens).
+    ``prefill_cache_bytes``: the budget of this replica's own cache of long prompts' leading chunks
+    (``jdisagg.prefill_cache``); 0 (the default: a replica built on its own keeps nothing between prompts)
+    turns it off, None is ``default_cache_bytes`` (one full context of KV)."""
     shape = model_shape(graphdef, state)
+    dtype = jax.tree.leaves(state)[0].dtype
     params = place_params(state, mesh, PHASE_RULES["prefill"], shape)
     kv_out = handoff_sharding(mesh, shape.num_kv_heads)
     suffix = SuffixCutter(
         mesh, kv_out, layers=shape.num_layers, kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-        dtype=jax.tree.leaves(state)[0].dtype, buckets=sizes.prefill_buckets, chunked=sizes.chunked,
+        dtype=dtype, buckets=sizes.prefill_buckets, chunked=sizes.chunked,
         page_size=sizes.page_size,
     ) if suffix_handoff else None
+    if prefill_cache_bytes is None:
+        prefill_cache_bytes = default_cache_bytes(
+            sizes.chunk_capacity, shape.num_layers, shape.num_kv_heads, shape.head_dim, dtype
+        )
+    chunked = None
+    if sizes.chunked:
+        options = {"chunk": sizes.chunk, "capacity": sizes.chunk_capacity, "kv_out": kv_out}
+        cache = ChunkCache(prefill_cache_bytes, sizes.chunk, sizes.page_size) if prefill_cache_bytes else None
+        chunked = (CachedChunkedPrefill(mesh, graphdef, params, **options, cache=cache) if cache is not None
+                   else ChunkedPrefill(mesh, graphdef, params, **options))
     return PrefillReplica(
         index,
         mesh,
@@ -188,7 +209,6 @@ def build_prefill_replica(
         sizes.prefill_buckets,
         batch=sizes.max_prefill_batch,
         batched_buckets=sizes.batched_prefill_buckets,
-        chunked=ChunkedPrefill(mesh, graphdef, params, chunk=sizes.chunk, capacity=sizes.chunk_capacity,
-                               kv_out=kv_out) if sizes.chunked else None,
+        chunked=chunked,
         suffix=suffix,
     )

@@ -27,6 +27,9 @@ compiled executables, so a request of a new length never triggers a compile on t
 - kv_window[T, S] (prefill replica): S tokens of a prompt's KV from a token offset, out of one piece of T
                tokens or two consecutive chunk pieces, zero-padded past them: the suffix-only hand-off of a
                prompt whose prefix the decode replica already holds (``jdisagg.kv_suffix``).
+- kv_seed      (prefill replica, with its prefix cache): one cached chunk piece written back into a long
+               prompt's buffer at its offset, so prefill_chunk starts at the first uncached chunk
+               (``jdisagg.prefill_cache``).
 - sample[B]    (both): tokens from logits (``jdisagg.sampling``), a program of its own so the sampler is
                compiled once per batch bucket rather than into every prefill and decode program.
 """
@@ -377,6 +380,20 @@ def kv_window_fn(
         return jax.lax.dynamic_slice_in_dim(jnp.concatenate([*parts, padding], axis=1), offset, size, axis=1)
 
     return window(k_parts), window(v_parts)
+
+
+def kv_seed_fn(buffer: KVBuffer, k: jax.Array, v: jax.Array, start: jax.Array) -> KVBuffer:
+    """The chunk piece k, v ``[L, C, KVH, D]`` written into ``buffer`` at position ``start``: a cached chunk
+    put back where ``prefill_chunk`` wrote it (``jdisagg.prefill_cache``)."""
+    return [(jax.lax.dynamic_update_slice_in_dim(kb, k[i].astype(kb.dtype), start, axis=0),
+             jax.lax.dynamic_update_slice_in_dim(vb, v[i].astype(vb.dtype), start, axis=0))
+            for i, (kb, vb) in enumerate(buffer)]
+
+
+def compile_kv_seed(buffer: KVBuffer, piece: jax.ShapeDtypeStruct, mesh: Mesh) -> jax.stages.Compiled:
+    """``kv_seed_fn`` over an abstract ``buffer`` (donated) and chunk pieces shaped ``piece``."""
+    fn = jax.jit(kv_seed_fn, out_shardings=[(k.sharding, v.sharding) for k, v in buffer], donate_argnums=(0,))
+    return fn.lower(_abstract(buffer), piece, piece, _spec((), jnp.int32, mesh)).compile()
 
 
 def compile_kv_window(
