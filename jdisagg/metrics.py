@@ -143,6 +143,19 @@ class EngineMetrics:
         )
         self.prompt_tokens = counter("jdisagg_prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = counter("jdisagg_generation_tokens", "Tokens generated.")
+        # Exported from the start, zero until ``watch_prefill_caches`` (worker processes keep theirs).
+        caches: list[ChunkCache] = []
+        self._prefill_caches = caches
+        for name, documentation, read in (
+            ("jdisagg_prefill_cache_hit_tokens", "Prompt tokens a prefill replica took from its own cache "
+             "instead of computing them.", lambda: sum(c.hit_tokens for c in caches)),
+            ("jdisagg_prefill_cache_evictions", "Chunks evicted from the prefill replicas' caches.",
+             lambda: sum(c.evictions for c in caches)),
+        ):
+            r.register(_CountFromFunction(name, documentation, model_name, read))
+        self.prefill_cache_bytes = Gauge("jdisagg_prefill_cache_bytes", "KV bytes in the prefill replicas' "
+                                         "caches.", label, registry=r).labels(model_name)
+        self.prefill_cache_bytes.set_function(lambda: sum(c.bytes for c in caches))
 
     def watch_scheduler(self, scheduler: Scheduler) -> None:
         """The totals the scheduler keeps (prefix cache, where prompts were prefilled), read at scrape
@@ -166,13 +179,4 @@ class EngineMetrics:
 
     def watch_prefill_caches(self, caches: Sequence[ChunkCache]) -> None:
         """The prefill replicas' own prefix caches (``jdisagg.prefill_cache``), summed at scrape time."""
-        for name, documentation, read in (
-            ("jdisagg_prefill_cache_hit_tokens", "Prompt tokens a prefill replica took from its own cache "
-             "instead of computing them.", lambda: sum(c.hit_tokens for c in caches)),
-            ("jdisagg_prefill_cache_evictions", "Chunks evicted from the prefill replicas' caches.",
-             lambda: sum(c.evictions for c in caches)),
-        ):
-            self.registry.register(_CountFromFunction(name, documentation, self.model_name, read))
-        cached = Gauge("jdisagg_prefill_cache_bytes", "KV bytes in the prefill replicas' caches.",
-                       [MODEL_LABEL], registry=self.registry)
-        cached.labels(self.model_name).set_function(lambda: sum(c.bytes for c in caches))
+        self._prefill_caches.extend(caches)
