@@ -275,8 +275,10 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
     kv_dtype = str(jax.tree.leaves(state)[0].dtype)  # the hand-off's: what prefill produces
     sizes = ServingSizes(settings.page_size, settings.max_batch, settings.max_context, settings.num_pages)
     if opts.role == "prefill":
-        # The suffix cuts compile only when the front sends cached tokens (its prefix cache is on).
-        replica = build_prefill_replica(0, mesh, graphdef, state, sizes, suffix_handoff=settings.prefix_cache)
+        # The suffix cuts compile only when the front sends cached tokens (its prefix cache is on); the
+        # worker's own cache of long prompts' leading chunks goes with it (None: its default budget).
+        replica = build_prefill_replica(0, mesh, graphdef, state, sizes, suffix_handoff=settings.prefix_cache,
+                                        prefill_cache_bytes=None if settings.prefix_cache else 0)
         offer_timeout = settings.offer_timeout_s if opts.offer_timeout is None else opts.offer_timeout
         sender = KVSender(opts.host, offer_timeout)
         service = WorkerService("prefill", replica, sender=sender)
