@@ -2,12 +2,12 @@
 prefill replica already computed is prefilled only from its first uncached chunk.
 
 A tiny Llama written as an HF checkpoint; 16-token pages, a 128-token context and a 32-token prefill chunk,
-so a prompt past 32 tokens runs chunk by chunk and its full chunks are cached. The cache's budget is two
-chunks of KV, so a third prompt's chunks evict the first's. Checked: the bookkeeping on its own (keys,
-longest run, LRU order, budget); the hand-off of a hit equals the uncached replica's bit for bit (first
-token, log-probability, every KV piece), with and without a decode-side cut; and an engine (TP2 prefill ->
-TP1 decode, both caches on) whose greedy outputs equal a dense single-device forward while the two caches
-hit in every combination: both, only the prefill side, only the decode side.
+so a prompt past 32 tokens runs chunk by chunk and its full chunks are cached. Checked: the bookkeeping on
+its own (keys, longest run, LRU order, budget); an engine (TP2 prefill with a cache of two chunks -> TP1
+decode, both caches on) whose greedy outputs equal a dense single-device forward while the two caches hit
+in every combination (both, only the prefill side, only the decode side) and an unrelated prompt evicts;
+and a hit's hand-off bit for bit the uncached replica's (first token, log-probabilities, every KV piece),
+whole and cut at decode-side hits. About 60 s on 2 idle cores, mostly compiling the two replicas once.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jdisagg.models.loading import init_model, save_hf_safetensors
 from jdisagg.prefill_cache import ChunkCache, default_cache_bytes
 from jdisagg.replicas import build_decode_replica, build_prefill_replica
 from jdisagg.sampling_params import SamplingParams
-from jdisagg.sizes import plan_sizes
+from jdisagg.sizes import ServingSizes, plan_sizes
 from jdisagg.tokenizer import ByteTokenizer
 
 MAX_CONTEXT, PAGE, CHUNK = 128, 16, 32
@@ -51,9 +51,9 @@ def _tokens(n: int, seed: int) -> list[int]:
 SHARED = _tokens(2 * CHUNK, seed=1)  # two full chunks
 
 
-def _sizes(num_pages: int):
+def _sizes(num_pages: int | None) -> ServingSizes:
     sizes = plan_sizes(CONFIG, page_size=PAGE, max_batch=2, max_context=MAX_CONTEXT, num_pages=num_pages)
-    sizes = dataclasses.replace(sizes, prefill_chunk=CHUNK)
+    sizes = dataclasses.replace(sizes, prefill_chunk=CHUNK, max_prefill_batch=1)  # long prompts run alone
     assert sizes.chunked and sizes.prefill_buckets == (16, 32)
     return sizes
 
@@ -61,6 +61,11 @@ def _sizes(num_pages: int):
 def _piece(fill: float) -> tuple[jax.Array, jax.Array]:
     k = jnp.full((CONFIG.num_layers, CHUNK, CONFIG.num_kv_heads, CONFIG.head_dim), fill, jnp.float32)
     return k, k
+
+
+def test_a_negative_budget_is_refused_before_anything_is_built():
+    with pytest.raises(ValueError, match="prefill_cache_gb"):
+        Engine(None, prefill_cache_gb=-1.0, progress=False)
 
 
 def test_chunk_cache_keeps_the_longest_leading_run_in_lru_order_within_its_budget():
@@ -101,7 +106,7 @@ def reference(checkpoint):
     return dense_greedy(checkpoint, MAX_CONTEXT)
 
 
-def _prefill_replica(checkpoint, devices, cache_bytes: int):
+def _prefill_replica(checkpoint, devices, cache_bytes: int | None):
     graphdef, state = nnx.split(load_hf_model(checkpoint))
     replica = build_prefill_replica(0, Mesh(np.array(devices), (TP_AXIS,)), graphdef, state, _sizes(None),
                                     prefill_cache_bytes=cache_bytes)
@@ -114,24 +119,6 @@ def _host(result) -> list[np.ndarray]:
     """A prefill result's samples and every array of its hand-off, on the host."""
     sampled, kv = result
     return [np.asarray(x) for x in sampled] + [np.asarray(x) for piece in kv_pieces(kv) for x in piece]
-
-
-def test_a_prefill_hit_hands_off_exactly_what_the_uncached_replica_computes(checkpoint):
-    """Same first token, log-probabilities and KV pieces bit for bit, whole and cut to a decode-side
-    suffix, for a prompt whose two leading chunks are cached (and a third computed)."""
-    devices = jax.devices()
-    cached = _prefill_replica(checkpoint, devices[4:6], 2 * CHUNK_BYTES)
-    uncached = _prefill_replica(checkpoint, devices[6:8], 0)
-    assert uncached.prefill_cache is None and cached.prefill_cache.chunks == 0
-    first, second = SHARED + _tokens(10, 5), SHARED + _tokens(27, 6)
-    cached.run_batch([PromptInput(first, GREEDY)])
-    assert cached.prefill_cache.chunks == 2 and cached.prefill_cache.hit_tokens == 0
-    for decode_hit in (0, PAGE, 3 * PAGE, 5 * PAGE):
-        prompt = PromptInput(second, GREEDY, cached_tokens=decode_hit)
-        (got,), (want,) = cached.run_batch([prompt]), uncached.run_batch([prompt])
-        for g, w in zip(_host(got), _host(want), strict=True):
-            np.testing.assert_array_equal(g, w)
-    assert cached.prefill_cache.hit_tokens == 4 * 2 * CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +168,23 @@ def test_greedy_outputs_equal_the_reference_whichever_side_holds_the_prefix(engi
         assert (decode > 0, prefill, evicted) == (decode_hit, prefill_hit, evictions), len(prompt)
     stats = engine.stats()
     assert stats["pages_used"] == [0] and stats["remote_prefills"] == len(steps)
+
+
+def test_a_prefill_hit_hands_off_exactly_what_the_uncached_replica_computes(checkpoint):
+    """Same first token, log-probabilities and KV pieces bit for bit, whole and cut to a decode-side
+    suffix, for a prompt whose two leading chunks are cached (and a third computed). The cached replica
+    has the default budget: one full context of KV."""
+    devices = jax.devices()  # the engine's prefill devices: its programs, loaded from the compile cache
+    cached = _prefill_replica(checkpoint, devices[:2], None)
+    uncached = _prefill_replica(checkpoint, devices[:2], 0)
+    assert uncached.prefill_cache is None and cached.prefill_cache.chunks == 0
+    assert cached.prefill_cache.budget_bytes == MAX_CONTEXT // CHUNK * CHUNK_BYTES
+    first, second = SHARED + _tokens(10, 5), SHARED + _tokens(27, 6)
+    cached.run_batch([PromptInput(first, GREEDY)])
+    assert cached.prefill_cache.chunks == 2 and cached.prefill_cache.hit_tokens == 0
+    for decode_hit in (0, PAGE, 3 * PAGE, 5 * PAGE):
+        prompt = PromptInput(second, GREEDY, cached_tokens=decode_hit)
+        (got,), (want,) = cached.run_batch([prompt]), uncached.run_batch([prompt])
+        for g, w in zip(_host(got), _host(want), strict=True):
+            np.testing.assert_array_equal(g, w)
+    assert cached.prefill_cache.hit_tokens == 4 * 2 * CHUNK

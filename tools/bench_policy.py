@@ -4,7 +4,9 @@
 concurrent conversations after a shared system prompt, each turn's prompt the previous prompt + its answer +
 a new message) against the same engine with the prefix cache on and off. Greedy answers must agree (the
 digest of every answer is compared), so both runs send the same prompts. Prints the hit rate, TTFT p50/p99
-of first and later turns, KV tokens and bytes handed off per request, and the ratios off/on.
+of first and later turns, KV tokens and bytes handed off per request, the prompt tokens the prefill
+replicas took from their own cache per request (``--prefill-cache-gb`` sets its budget), and the ratios
+off/on.
 
 ``local``: conditional disaggregation. The same mixed workload (short chat prompts and a share of long
 documents, Poisson arrivals) against a disaggregated engine for each ``local_prefill_tokens`` threshold: a
@@ -49,8 +51,11 @@ def served(args: argparse.Namespace, run: Callable, **engine_options) -> dict:
         server.serve(engine, "127.0.0.1", metrics_port)
         try:
             output = Lengths.parse(args.output_len)
-            return run(BenchOptions(f"127.0.0.1:{server.port}", Workload(output, output), seed=args.seed,
-                                    metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", progress=False))
+            result = run(BenchOptions(f"127.0.0.1:{server.port}", Workload(output, output), seed=args.seed,
+                                      metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", progress=False))
+            hits = engine.metrics.registry.get_sample_value("jdisagg_prefill_cache_hit_tokens_total",
+                                                            {"model_name": engine.model_name})
+            return {**result, "prefill_cache_hit_tokens_per_request": hits / max(result["requests"], 1)}
         finally:
             server.shutdown(None, 1.0)
 
@@ -67,7 +72,8 @@ def prefix(args: argparse.Namespace) -> tuple[dict, bool]:
                         Lengths.parse(args.message_len), Lengths.parse(args.output_len), args.vocab_size)
     runs = {
         label: served(args, lambda opts: run_chat_bench(opts, chat), prefix_cache=cache,
-                      colocate=args.colocate, local_prefill_tokens=args.local_prefill_tokens)
+                      colocate=args.colocate, local_prefill_tokens=args.local_prefill_tokens,
+                      prefill_cache_gb=args.prefill_cache_gb)
         for label, cache in (("cache on", True), ("cache off", False))
     }
     on, off = runs["cache on"], runs["cache off"]
@@ -86,7 +92,8 @@ def prefix(args: argparse.Namespace) -> tuple[dict, bool]:
             line(f"TTFT {part} turns {q} ms", *((r["turns"][part] or {}).get(q) for r in (on, off)))
     for label, key, scale in (("KV tokens / request", "kv_transfer_tokens_per_request", 1),
                               ("KV KiB / request", "kv_transfer_bytes_per_request", 1024),
-                              ("prompt tokens / request", "prompt_tokens_per_request", 1)):
+                              ("prompt tokens / request", "prompt_tokens_per_request", 1),
+                              ("prefill-side hits / req", "prefill_cache_hit_tokens_per_request", 1)):
         line(label, on[key] / scale, off[key] / scale, fmt="{:12.1f}")
     line("output tok/s", on["output_token_throughput"], off["output_token_throughput"])
     same = on["answers_digest"] == off["answers_digest"]
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--colocate", action="store_true")
     pp.add_argument("--local-prefill-tokens", type=int, default=None,
                     help="the engine's threshold (default: its own; colocated prefills every prompt locally)")
+    pp.add_argument("--prefill-cache-gb", type=float, default=None,
+                    help="the prefill replicas' own cache with the cache on (default: the engine's; 0: off)")
     pp.add_argument("--conversations", type=int, default=8)
     pp.add_argument("--turns", type=int, default=4)
     pp.add_argument("--system-prompt-len", type=int, default=512)
