@@ -133,8 +133,9 @@ class PrefillReplica:
         """Per prompt, in order, what ``run`` gives for it alone (first token one row, KV of its own), from as
         few calls as the compiled shapes allow (``plan_prefill_calls``), each dispatched asynchronously.
 
-        A prompt with ``cached_tokens`` is prefilled whole, but its KV is cut to the positions after them
-        (``jdisagg.kv_suffix``): the decode replica already holds the rest."""
+        A prompt with ``cached_tokens`` is prefilled as any other (a long one from the first chunk this
+        replica's own cache lacks), but its KV is cut to the positions after them (``jdisagg.kv_suffix``): the
+        decode replica already holds the rest."""
         lengths = [len(p.token_ids) for p in prompts]
         for p in prompts:
             if p.cached_tokens and self._suffix is None:
