@@ -17,10 +17,10 @@ GPU every iteration of one would wait for the host to read its predicate):
 How a digit's sums are taken is the platform's choice (``lax.platform_dependent``), by measurement at vocab
 128,256 and batch 16 (docs/benchmarks.md): on CPU a scatter-add histogram of 65,536 bins gives two 8-bit
 digits per pass (two passes; below a vocabulary of 2,048 comparisons are cheaper there too); elsewhere one
-fused compare-and-reduce pass gives the 16 suffix sums of a 4-bit digit (eight passes). On a GPU a float
-scatter-add was no faster and uses atomics, whose order, and so a threshold at a knife-edge of the sums,
-would vary from run to run; 8-bit digits by comparison were 3.5x slower (a pass re-reads the row once per
-candidate), 2-bit ones no faster.
+fused compare-and-reduce pass gives the 16 suffix sums of a 4-bit digit (eight passes: a loop on CPU,
+compiled once rather than eight times; unrolled elsewhere). On a GPU a float scatter-add was no faster and
+uses atomics, whose order, and so a threshold at a knife-edge of the sums, would vary from run to run; 8-bit
+digits by comparison were 3.5x slower (a pass re-reads the row once per candidate), 2-bit ones no faster.
 
 Temperature does not change the order of the logits, so thresholds are keys of the logits themselves. Tokens
 tied at the threshold are all kept (the sort-based definition would keep an arbitrary subset of them).
@@ -166,14 +166,43 @@ def _select(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array
 
 def _select_by_comparisons(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
     """``_select`` in eight passes of one fused reduction each (deterministic, no scatter): a pass compares
-    every key with the 16 candidates for the next 4-bit digit and sums the weights at or above each."""
-    digits = jnp.arange(16, dtype=jnp.uint32)
+    every key with the 16 candidates for the next 4-bit digit and sums the weights at or above each.
+
+    On CPU the passes are a ``fori_loop``: one compiled body instead of eight roughly halves the sample
+    program's compile time, and the loop costs nothing there. Elsewhere they stay unrolled, as a loop's
+    predicate would go through the host on every pass. Both compute the same sums, so the same key."""
+    return jax.lax.platform_dependent(
+        keys, weights, target, cpu=_comparisons_in_a_loop, default=_comparisons_unrolled
+    )
+
+
+_COMPARISON_PASSES = 8  # 4-bit digits of a 32-bit key
+
+
+def _comparisons_unrolled(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
     key = jnp.zeros(keys.shape[:1], jnp.uint32)
-    for shift in range(28, -1, -4):
-        candidates = key[:, None] | (digits << shift)  # [B, 16]
-        at_or_above = jnp.where(keys[:, None, :] >= candidates[:, :, None], weights[:, None, :], 0.0).sum(-1)
-        key = key | (_largest_reaching(at_or_above, target) << shift)
+    for index in range(_COMPARISON_PASSES):
+        key = _next_digit(keys, weights, target, index, key)
     return key
+
+
+def _comparisons_in_a_loop(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    return jax.lax.fori_loop(
+        0,
+        _COMPARISON_PASSES,
+        lambda index, key: _next_digit(keys, weights, target, index, key),
+        jnp.zeros(keys.shape[:1], jnp.uint32),
+    )
+
+
+def _next_digit(
+    keys: jax.Array, weights: jax.Array, target: jax.Array, index: jax.Array | int, key: jax.Array
+) -> jax.Array:
+    """``key`` with pass ``index``'s 4-bit digit set (pass 0: the top digit)."""
+    shift = jnp.uint32(28) - jnp.uint32(4) * jnp.asarray(index, jnp.uint32)
+    candidates = key[:, None] | (jnp.arange(16, dtype=jnp.uint32) << shift)  # [B, 16]
+    at_or_above = jnp.where(keys[:, None, :] >= candidates[:, :, None], weights[:, None, :], 0.0).sum(-1)
+    return key | (_largest_reaching(at_or_above, target) << shift)
 
 
 def _select_by_histograms(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
