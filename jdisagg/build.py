@@ -37,6 +37,7 @@ class Built:
     sizes: ServingSizes
     prefill: list[PrefillReplica]
     decode: list[DecodeReplica]
+    local_prefill: bool  # the decode replicas compiled prefill-from-pages programs
 
 
 def _load_onto(
@@ -71,17 +72,20 @@ def build_replicas(
     kv_cache_gb: float | None,
     memory_fraction: float | None,
     prefix_cache: bool = False,
-    local_prefill: bool = False,
+    local_prefill: bool | None = False,
     prefill_cache_gb: float | None = None,
 ) -> Built:
     """The replicas of an in-process engine (``Engine``'s arguments say what each one means). The
     programs only the prefix cache needs are compiled only with it: the prefill replicas' suffix
-    hand-off with ``prefix_cache``, the decode replicas' prefill from pages with ``local_prefill``."""
+    hand-off with ``prefix_cache``, the decode replicas' prefill from pages with ``local_prefill`` (None:
+    ``colocated_chunks_by_default`` on the decode devices' platform when colocated, else none)."""
     if devices is None:
         provide_cpu_devices(devices_needed(prefill_mesh, decode_mesh, colocate))
     layout = build_layout(prefill_mesh, decode_mesh, colocate=colocate, devices=devices)
     decode_devices = [d for mesh in layout.decode.replicas for d in mesh.devices.flat]
     source, tokenizer = load_model(model, tokenizer, dtype=dtype, platform=decode_devices[0].platform)
+    if local_prefill is None:
+        local_prefill = colocate and colocated_chunks_by_default(decode_devices[0].platform)
     config = source.config
     for phase in (layout.prefill, layout.decode):
         check_fits(phase.spec, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, phase=phase.name)
@@ -124,7 +128,18 @@ def build_replicas(
                              local_chunk=None if local_prefill else 0)
         for i, (mesh, (graphdef, state)) in enumerate(zip(layout.decode.replicas, decode_params, strict=True))
     ]
-    return Built(layout, config, tokenizer, sizes, prefill, decode)
+    return Built(layout, config, tokenizer, sizes, prefill, decode, local_prefill)
+
+
+def colocated_chunks_by_default(platform: str) -> bool:
+    """Whether a colocated engine prefills prompts in chunks between decode steps unless told otherwise.
+
+    On an accelerator a prefill program and a decode step queue on the same device, so a long prompt
+    stalls every stream unless it is cut into chunks (Sarathi-Serve's aggregated baseline). On the CPU the
+    two run at once, each on its own cores, and the measured best is the unchunked prompt on the prefill
+    thread: mean TPOT 13.5 ms against 32.8-59.6 ms for step budgets 64-512 on the heavy interference
+    workload (docs/benchmarks.md, "Interference")."""
+    return platform != "cpu"
 
 
 def compile_programs(executors: Sequence[Any], progress: bool) -> int:

@@ -151,8 +151,9 @@ def _build_parser() -> argparse.ArgumentParser:
                              "prompt's prefix: every prompt's KV is computed and handed off in full")
     launch.add_argument("--local-prefill-tokens", type=_non_negative, default=None, metavar="N",
                         help="prefill a prompt on its decode replica, in chunks between decode steps, when "
-                             "at most N of its tokens are uncached; 0: never (default: every prompt with "
-                             "--colocate, else 0)")
+                             "at most N of its tokens are uncached; 0: never (default: 0, but every prompt "
+                             "with --colocate on GPU/TPU: chunked prefill; on the CPU a colocated prompt "
+                             "prefills whole beside the decode steps, measured faster there)")
     launch.add_argument("--step-token-budget", type=_positive, default=512, metavar="N",
                         help="prompt tokens prefilled locally per decode step (default: %(default)s)")
     launch.add_argument("--attention-backend", default=None,

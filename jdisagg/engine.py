@@ -57,8 +57,10 @@ class Engine:
         prefix_cache: reuse the KV of full pages a decode replica already holds for a prompt's prefix:
             only the rest is handed off (or prefilled locally).
         local_prefill_tokens: prefill a prompt on its decode replica, in chunks interleaved with decode
-            steps, when at most this many of its tokens are uncached (0: never). Default: every prompt
-            when colocated (chunked prefill), never when disaggregated.
+            steps, when at most this many of its tokens are uncached (0: never). Default: never when
+            disaggregated; colocated, every prompt (chunked prefill) on GPU/TPU and none on the CPU, where
+            a whole prompt on the prefill thread runs beside the decode steps and measured best
+            (``jdisagg.build.colocated_chunks_by_default``).
         step_token_budget: prompt tokens prefilled locally per decode step.
         prefill_cache_gb: GiB of KV each prefill replica keeps of long prompts' leading chunks, so a prompt
             sharing them is prefilled only from its first uncached chunk (``jdisagg.prefill_cache``); 0: off.
@@ -102,14 +104,14 @@ class Engine:
             attention_backend=attention_backend, progress=progress, devices=devices, dtype=dtype,
             kv_cache_dtype=kv_cache_dtype, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,
             prefix_cache=prefix_cache,
-            local_prefill=colocate if local_prefill_tokens is None else local_prefill_tokens > 0,
+            local_prefill=None if local_prefill_tokens is None else local_prefill_tokens > 0,
             prefill_cache_gb=prefill_cache_gb,
         )
         self.layout = built.layout
         self._configure(built.config, built.tokenizer, built.sizes, max_queue,
                         served_model_name or model_name_of(model))
-        if local_prefill_tokens is None:  # colocated: every prompt; disaggregated: none
-            local_prefill_tokens = built.sizes.max_context if colocate else 0
+        if local_prefill_tokens is None:  # every prompt where the platform's colocated default chunks
+            local_prefill_tokens = built.sizes.max_context if built.local_prefill else 0
         self._start(built.prefill, built.decode, progress, prefix_cache, local_prefill_tokens,
                     step_token_budget)
 

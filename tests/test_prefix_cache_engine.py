@@ -4,7 +4,8 @@ outputs against a single-device dense forward that never caches anything.
 A tiny Llama written as an HF checkpoint; 16-token pages and 12 usable pages per decode replica, so a few
 concurrent sequences run out of pages (preemption) and finished ones' cached pages are evicted. Layouts:
 prefill TP2 -> two TP1 decode replicas (the hand-off reshards) with the cache on and off, and colocated on
-one device, where every prompt is prefilled locally in chunks.
+one device with every prompt prefilled locally in chunks (the colocated default on GPU/TPU; on the CPU it is
+asked for, as the CPU's default prefills whole prompts on the prefill thread).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ CONFIG = ModelConfig(
 LAYOUTS = {
     "disaggregated": {"prefill_mesh": "2x1", "decode_mesh": "1x2", "local_prefill_tokens": 16},
     "disaggregated-no-cache": {"prefill_mesh": "2x1", "decode_mesh": "1x2", "prefix_cache": False},
-    "colocated": {"colocate": True},
+    "colocated": {"colocate": True, "local_prefill_tokens": MAX_CONTEXT},
 }
 
 

@@ -10,7 +10,7 @@ set-ups of the built-in demo model:
   steps under a per-step token budget (chunked prefill, Sarathi-Serve's aggregated baseline).
   ``colocated@N`` sets that budget to N tokens (``--setups colocated@64,colocated@128,...`` sweeps it).
 - colocated-unchunked: the same with ``--local-prefill-tokens 0``: each prompt is one prefill program
-  between decode steps (what the earlier runs of this experiment compared against).
+  on the prefill thread (``--colocate``'s default on the CPU, where it runs beside the decode steps).
 - disaggregated: ``jdisagg launch --processes`` with the prefill worker pinned to the first half of the
   cores and the decode worker to the second half (the front, which only schedules, may run anywhere in
   the budget).
@@ -34,6 +34,8 @@ from pathlib import Path
 from jdisagg.bench import BenchOptions, Lengths, Workload, format_summary, run_bench
 from jdisagg.serving.client import wait_until_serving
 
+EVERY_PROMPT = 1 << 20  # a --local-prefill-tokens above any context: every prompt prefills locally
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,7 +53,8 @@ def start_server(setup: str, cores: list[int], port: int, metrics_port: int, max
                str(metrics_port), "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-batch",
                str(max_batch), "--http-port", "0", "--no-progress"]
     if setup.partition("@")[0] == "colocated":  # colocated@N: chunked prefill under a step budget of N tokens
-        command.append("--colocate")
+        # Every prompt chunked, whatever the platform's colocated default (whole prompts on the CPU).
+        command += ["--colocate", "--local-prefill-tokens", str(EVERY_PROMPT)]
         if "@" in setup:
             command += ["--step-token-budget", setup.partition("@")[2]]
     elif setup == "colocated-unchunked":

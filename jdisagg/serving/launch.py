@@ -58,7 +58,7 @@ class LaunchOptions:
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off
     chat_template: str | None = None  # a Jinja file replacing the model's chat template
     prefix_cache: bool = True
-    local_prefill_tokens: int | None = None  # None: every prompt when colocated, else none
+    local_prefill_tokens: int | None = None  # None: Engine's default (chunked when colocated off the CPU)
     step_token_budget: int = 512
 
 
