@@ -462,7 +462,8 @@ def hf_prefill(module, batch_prompts):
 def host_overhead(args) -> list[dict]:
     """Engine TPOT against the device's own step time on the demo model.
 
-    The device step time is measured on a decode replica built the engine's way, with the steps chained on
+    The device step time is measured on a decode replica built the engine's way (fused projections, page
+    tables as long as the live context, so the same decode[B, P] programs), with the steps chained on
     device (each step's sampled tokens feed the next, nothing read until the end), so it holds no host
     work at all. The engine's TPOT is the mean over ``--batch`` requests of ``--output-len`` tokens sent at
     once. Their ratio is what the host (scheduling, streaming, stop checks, page tables) adds per token.
@@ -474,6 +475,7 @@ def host_overhead(args) -> list[dict]:
     from jdisagg.executors import SamplingRow
     from jdisagg.meshes import build_layout
     from jdisagg.models.demo import load_demo_model
+    from jdisagg.models.fused import fuse_projections
     from jdisagg.replicas import build_decode_replica
     from jdisagg.sizes import plan_sizes
 
@@ -481,7 +483,7 @@ def host_overhead(args) -> list[dict]:
     sizes = plan_sizes(module.config, page_size=16, max_batch=args.batch, max_context=args.context,
                        num_pages=None)
     mesh = build_layout("1x1", "1x1").decode.replicas[0]
-    graphdef, state = nnx.split(module)
+    graphdef, state = nnx.split(fuse_projections(module))  # the projections as the engine serves them
     replica = build_decode_replica(0, mesh, graphdef, state, sizes, None)
     for _, compile_program in replica.compile_tasks():
         compile_program()
@@ -490,11 +492,15 @@ def host_overhead(args) -> list[dict]:
     rows = [SamplingRow(0.0, 0, 1.0, 0)] * args.batch
     forced = [-1] * args.batch
 
+    def live(position: int) -> list[list[int]]:
+        """The page tables the engine's step at ``position`` reads: as many pages as the live context."""
+        return [row[: position // sizes.page_size + 1] for row in pages]
+
     def chain(steps: int) -> float:
         begin = time.perf_counter()
-        step = replica.dispatch([1] * args.batch, [start_at] * args.batch, pages, rows, forced)
+        step = replica.dispatch([1] * args.batch, [start_at] * args.batch, live(start_at), rows, forced)
         for i in range(1, steps):
-            step = replica.dispatch(step, [start_at + i] * args.batch, pages, rows, forced)
+            step = replica.dispatch(step, [start_at + i] * args.batch, live(start_at + i), rows, forced)
         replica.collect(step)
         return (time.perf_counter() - begin) / steps
 
