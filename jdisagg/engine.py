@@ -128,17 +128,25 @@ class Engine:
         progress: bool = True,
         served_model_name: str | None = None,
         prefix_cache: bool = True,
+        local_prefill_tokens: int = 0,
+        step_token_budget: int = 512,
     ) -> Engine:
         """An engine over replicas built elsewhere, e.g. proxies of worker processes (``jdisagg.workers``):
         anything that implements the ``jdisagg.executors`` Protocols. One whose ``alive`` is False is skipped
-        until it comes back. ``prefix_cache``: as ``Engine``'s (the prefill replicas must take
-        ``cached_tokens``). Local prefill stays off: worker proxies cannot prefill from their pages
-        (``local_chunk`` 0). A decode replica with ``watch_pages`` reports when its pages' KV is gone (a
-        lost worker): what it held fails and its cached pages are forgotten."""
-        log.info("prefix cache %s, local prefill off (worker processes)", "on" if prefix_cache else "off")
+        until it comes back. ``prefix_cache``, ``local_prefill_tokens`` and ``step_token_budget``: as
+        ``Engine``'s (the prefill replicas must take ``cached_tokens``; local prefill needs decode replicas
+        whose ``local_chunk`` is above 0, default off). A decode replica with ``watch_pages`` reports when
+        its pages' KV is gone (a lost worker): what it held fails and its cached pages are forgotten."""
+        if local_prefill_tokens < 0 or step_token_budget < 1:
+            raise ValueError(f"want local_prefill_tokens >= 0 and step_token_budget >= 1, got "
+                             f"{local_prefill_tokens} and {step_token_budget}")
+        local = f"up to {local_prefill_tokens} uncached tokens" if local_prefill_tokens else "off"
+        cache = "on" if prefix_cache else "off"
+        log.info("prefix cache %s, local prefill %s (worker processes)", cache, local)
         engine = cls.__new__(cls)
         engine._configure(config, tokenizer, sizes, max_queue, served_model_name or "unnamed")
-        engine._start(list(prefill), list(decode), progress, prefix_cache, 0, 1)
+        engine._start(list(prefill), list(decode), progress, prefix_cache, local_prefill_tokens,
+                      step_token_budget)
         for replica in decode:
             if hasattr(replica, "watch_pages"):
                 replica.watch_pages(lambda index, reason: engine._stages.call(

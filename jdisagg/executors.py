@@ -92,7 +92,7 @@ class PrefillExecutor(Executor, Protocol):
 class DecodeExecutor(Executor, Protocol):
     overlaps: bool  # True: ``dispatch`` returns before the step has run, so a next step may queue behind it
     num_pages: int  # KV pages in its pools, the scratch page included
-    local_chunk: int  # most tokens per LocalChunk; 0: this executor cannot prefill locally (worker proxies)
+    local_chunk: int  # most tokens per LocalChunk; 0: this executor cannot prefill locally (no programs)
 
     def receive(self, offer: Any) -> tuple[Any, int]:
         """Move an offered KV onto this replica; the staged KV and the bytes moved."""
@@ -109,7 +109,8 @@ class DecodeExecutor(Executor, Protocol):
         """Queue the chunks (a forward over each chunk's tokens attending to its earlier KV in pages, writing
         the chunk's KV into its pages) behind what is queued already; ``collect`` of the handle returned
         gives, per chunk in order, the token sampled after its last token. Only a prompt's final chunk's
-        sample is used."""
+        sample is used. A worker proxy holds them until the next ``dispatch``, which carries them in the
+        step's one call (or until ``collect``), so the engine queues a step's chunks before the step."""
         ...
 
     def dispatch(

@@ -10,8 +10,8 @@ Data flows one way::
 - transfer: reads each first token (TTFT does not wait for the KV hand-off), then moves the KV onto its
   decode replica (``receive``) and passes it to that replica's thread.
 - decode: inserts arrived KV, asks the scheduler for the step's rows and runs them, one step ahead of the
-  host in the steady state; runs the local-prefill chunks the scheduler plans with a step (prompts
-  prefilled from the replica's own pages, no hand-off).
+  host in the steady state; queues the local-prefill chunks the scheduler plans with a step (prompts
+  prefilled from the replica's own pages, no hand-off) just before it.
 - output: text, stop strings and the final ``Output`` (``OutputProcessor``).
 
 Every decision is a ``Scheduler`` call under the one lock (``call``); the tokens and finishes it emits go
@@ -286,10 +286,12 @@ class Stages:
                     )
                 self.update_gauges()
                 self.metrics.running.labels(str(index)).set(len(plan.rows))
+                # Chunks queue before the step (as ahead): a worker proxy sends them in the step's one RPC.
+                chunks = self._prefill_locally(replica, plan.chunks) if plan.chunks else None
                 if plan.rows:
                     inflight = _Step(self._dispatch(replica, plan.rows, None), plan.rows)
-                if plan.chunks:  # queued on device behind the step's rows
-                    self._chunks_done(replica, *self._prefill_locally(replica, plan.chunks))
+                if chunks is not None:
+                    self._chunks_done(replica, *chunks)
             except Exception as exc:  # noqa: BLE001 - the pools may be gone: fail this replica's work
                 log.exception("decode replica %d failed", index)
                 self.call(s.replica_failed, index, *_failure(exc))

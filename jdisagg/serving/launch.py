@@ -163,15 +163,11 @@ def _start_http(opts: LaunchOptions) -> HTTPServer:
 
 def _check_process_options(opts: LaunchOptions) -> None:
     """Refuse what would be silently ignored: the front sizes the KV cache before any worker has seen its
-    devices, so it cannot take a share of their memory, and decode workers cannot prefill locally."""
+    devices, so it cannot take a share of their memory."""
     if opts.memory_fraction is not None:
         raise ValueError("--memory-fraction is not supported with --processes (the front counts the KV "
                          "pages before any worker sees its devices): state the budget per decode device with "
                          "--kv-cache-gb, or the page count with --num-pages")
-    if opts.local_prefill_tokens:
-        raise ValueError("--local-prefill-tokens is not supported with --processes (decode workers do not "
-                         "prefill from their pages: every prompt is prefilled on a prefill worker, and with "
-                         "the prefix cache only its uncached suffix is handed off)")
 
 
 def _worker_sizes(opts: LaunchOptions, config: ModelConfig, decode_tp: int) -> ServingSizes:
@@ -213,7 +209,9 @@ def _start_processes(
                   host=opts.host, port=opts.control_port, attention_backend=opts.attention_backend,
                   max_queue=opts.max_queue, tokenizer_path=opts.tokenizer,
                   served_model_name=opts.served_model_name, dtype=opts.dtype,
-                  kv_cache_dtype=opts.kv_cache_dtype, prefix_cache=opts.prefix_cache)
+                  kv_cache_dtype=opts.kv_cache_dtype, prefix_cache=opts.prefix_cache,
+                  local_prefill_tokens=opts.local_prefill_tokens or 0,  # disaggregated: never by default
+                  step_token_budget=opts.step_token_budget)
     print(f"jdisagg: workers join at {front.address}", flush=True)
     cpus = {"prefill": opts.prefill_cpus, "decode": opts.decode_cpus}
     children = spawn_workers(front, devices_per_worker=opts.worker_devices, cpus=cpus, progress=opts.progress,

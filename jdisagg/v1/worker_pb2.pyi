@@ -17,7 +17,7 @@ class SettingsRequest(_message.Message):
     def __init__(self, role: _Optional[str] = ...) -> None: ...
 
 class Settings(_message.Message):
-    __slots__ = ("model", "page_size", "num_pages", "max_context", "max_batch", "attention_backend", "tp", "offer_timeout_s", "prefix_cache")
+    __slots__ = ("model", "page_size", "num_pages", "max_context", "max_batch", "attention_backend", "tp", "offer_timeout_s", "prefix_cache", "local_chunk")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class Settings(_message.Message):
     TP_FIELD_NUMBER: _ClassVar[int]
     OFFER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     model: str
     page_size: int
     num_pages: int
@@ -36,7 +37,8 @@ class Settings(_message.Message):
     tp: int
     offer_timeout_s: float
     prefix_cache: bool
-    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., attention_backend: _Optional[str] = ..., tp: _Optional[int] = ..., offer_timeout_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
+    local_chunk: int
+    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch: _Optional[int] = ..., attention_backend: _Optional[str] = ..., tp: _Optional[int] = ..., offer_timeout_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ..., local_chunk: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("role", "address", "fingerprint", "device", "pid")
@@ -176,23 +178,39 @@ class InsertRequest(_message.Message):
     pages: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, staged: _Optional[_Union[StagedKV, _Mapping]] = ..., pages: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class LocalChunk(_message.Message):
+    __slots__ = ("token_ids", "start", "pages", "sampling", "forced")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    start: int
+    pages: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingRow
+    forced: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., pages: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingRow, _Mapping]] = ..., forced: _Optional[int] = ...) -> None: ...
+
 class StepRequest(_message.Message):
-    __slots__ = ("tokens", "positions", "page_counts", "page_ids", "sampling", "forced")
+    __slots__ = ("tokens", "positions", "page_counts", "page_ids", "sampling", "forced", "chunks")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     PAGE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     FORCED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     positions: _containers.RepeatedScalarFieldContainer[int]
     page_counts: _containers.RepeatedScalarFieldContainer[int]
     page_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _containers.RepeatedCompositeFieldContainer[SamplingRow]
     forced: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., page_counts: _Optional[_Iterable[int]] = ..., page_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Iterable[_Union[SamplingRow, _Mapping]]] = ..., forced: _Optional[_Iterable[int]] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[LocalChunk]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., page_counts: _Optional[_Iterable[int]] = ..., page_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Iterable[_Union[SamplingRow, _Mapping]]] = ..., forced: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ...) -> None: ...
 
-class StepReply(_message.Message):
+class SampledRows(_message.Message):
     __slots__ = ("tokens", "logprobs", "top_ids", "top_logprobs")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -203,3 +221,17 @@ class StepReply(_message.Message):
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class StepReply(_message.Message):
+    __slots__ = ("tokens", "logprobs", "top_ids", "top_logprobs", "chunks")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    chunks: SampledRows
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., chunks: _Optional[_Union[SampledRows, _Mapping]] = ...) -> None: ...

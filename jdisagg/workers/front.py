@@ -104,6 +104,9 @@ class Front:
         prefix_cache: reuse the KV a decode worker already holds for a prompt's full-page prefix, so only
             the rest is handed off (prefill workers compile the programs that cut it; they learn it from
             the settings).
+        local_prefill_tokens / step_token_budget: as ``Engine``'s (default 0: never). A prompt with at most
+            this many uncached tokens is prefilled on its decode worker, in chunks carried by its ``Step``
+            calls; decode workers compile the programs for it when the settings name a local chunk.
     """
 
     def __init__(
@@ -127,7 +130,10 @@ class Front:
         dtype: str = "auto",
         kv_cache_dtype: str = "auto",
         prefix_cache: bool = True,
+        local_prefill_tokens: int = 0,
+        step_token_budget: int = 512,
     ) -> None:
+        from jdisagg.local_prefill import local_shape
         from jdisagg.metrics import model_name_of
         from jdisagg.serving.plan import model_config
         from jdisagg.tokenizer import HFTokenizer, load_tokenizer
@@ -147,8 +153,11 @@ class Front:
         self.offer_timeout_s, self.prefix_cache = offer_timeout_s, prefix_cache
         self.dtype, self.kv_cache_dtype = dtype, kv_cache_dtype  # what spawned workers serve in
         self.prefill = [RemotePrefillReplica(i, rpc_timeout_s) for i in range(prefill.dp)]
-        self.decode = [RemoteDecodeReplica(i, sizes.num_pages, rpc_timeout_s, pull_timeout_s)
-                       for i in range(decode.dp)]
+        # The chunk an in-process decode replica of these sizes would take (the same programs, so the
+        # same tokens); 0 when nothing is prefilled locally: the workers then compile no local programs.
+        self.local_chunk = local_shape(sizes)[1] if local_prefill_tokens else 0
+        self.decode = [RemoteDecodeReplica(i, sizes.num_pages, rpc_timeout_s, pull_timeout_s,
+                                           local_chunk=self.local_chunk) for i in range(decode.dp)]
         self.control = ControlService(self)
         self._server = grpc.server(ThreadPoolExecutor(8, thread_name_prefix="control"),
                                    options=[("grpc.so_reuseport", 0)])
@@ -162,7 +171,8 @@ class Front:
         self.engine = Engine.from_replicas(
             self.config, tokenizer, self.prefill, self.decode, sizes=sizes, max_queue=max_queue,
             progress=False, served_model_name=served_model_name or model_name_of(self.model),
-            prefix_cache=prefix_cache,
+            prefix_cache=prefix_cache, local_prefill_tokens=local_prefill_tokens,
+            step_token_budget=step_token_budget,
         )
         self._stop = threading.Event()
         for slot in self.slots:  # one prober per slot: a stalled worker must not delay the others' probes
@@ -177,6 +187,7 @@ class Front:
             model=self.model or "", page_size=s.page_size, num_pages=s.num_pages, max_context=s.max_context,
             max_batch=s.max_batch, attention_backend=self.attention_backend or "", tp=self.specs[role].tp,
             offer_timeout_s=self.offer_timeout_s, prefix_cache=self.prefix_cache,
+            local_chunk=self.local_chunk if role == "decode" else 0,
         )
 
     @property

@@ -68,6 +68,20 @@ class RemoteKV:
     cached_tokens: int
 
 
+def _local_chunk(c: LocalChunk) -> wpb.LocalChunk:
+    return wpb.LocalChunk(token_ids=list(c.token_ids), start=c.start, pages=list(c.pages),
+                          sampling=_row(c.sampling), forced=c.forced)
+
+
+@dataclass
+class QueuedChunks:
+    """Local-prefill chunks waiting on the proxy for the ``Step`` RPC that carries them; their sampled rows
+    (one per chunk, in order) once it has returned."""
+
+    chunks: list[wpb.LocalChunk]
+    sampled: Sampled | None = None
+
+
 class RemoteReplica:
     """A slot for one worker of a role: dead until a worker registers into it."""
 
@@ -186,11 +200,17 @@ class RemotePrefillReplica(RemoteReplica):
 
 
 class RemoteDecodeReplica(RemoteReplica):
-    """A decode worker's slot. Its pages are accounted in the front's scheduler, like every replica's."""
+    """A decode worker's slot. Its pages are accounted in the front's scheduler, like every replica's; the
+    prompts it prefills itself (local prefill) travel as chunks inside its ``Step`` calls."""
 
-    def __init__(self, index: int, num_pages: int, rpc_timeout_s: float, pull_timeout_s: float) -> None:
+    def __init__(
+        self, index: int, num_pages: int, rpc_timeout_s: float, pull_timeout_s: float, local_chunk: int = 0
+    ) -> None:
         super().__init__("decode", index, rpc_timeout_s)
         self.num_pages = num_pages
+        # The worker's local-prefill chunk: the front's settings tell it, and its fingerprint repeats it.
+        self.local_chunk = local_chunk
+        self._queued: list[QueuedChunks] = []  # local chunks the next Step RPC carries
         self._pull_timeout = pull_timeout_s
         self._pages_lost: Callable[[int, str], None] = lambda index, reason: None
 
@@ -217,10 +237,13 @@ class RemoteDecodeReplica(RemoteReplica):
         except (WorkerUnavailableError, RuntimeError) as exc:
             log.debug("discard of staged KV %d failed: %s", staged.id, exc)
 
-    local_chunk = 0  # no local prefill across processes: the scheduler never sends a worker chunks
-
-    def prefill_local(self, chunks: Sequence[LocalChunk]) -> Sampled:
-        raise NotImplementedError(f"decode worker {self.index} cannot prefill locally (local_chunk is 0)")
+    def prefill_local(self, chunks: Sequence[LocalChunk]) -> QueuedChunks:
+        """Queue ``chunks`` on this proxy: the next ``dispatch`` sends them in its ``Step`` RPC, ahead of the
+        step's rows, so a prompt prefilled on the worker costs no round trip of its own (``collect`` of the
+        handle sends them alone when no step follows)."""
+        queued = QueuedChunks([_local_chunk(c) for c in chunks])
+        self._queued.append(queued)
+        return queued
 
     overlaps = False  # a step is one blocking RPC: nothing runs while the host reads it
 
@@ -232,23 +255,46 @@ class RemoteDecodeReplica(RemoteReplica):
         sampling: Sequence[SamplingRow],
         forced: Sequence[int],
     ) -> Sampled:
-        """One blocking ``Step`` RPC: the step has run when it returns (``collect`` only hands it over)."""
-        request = wpb.StepRequest(
+        """One blocking ``Step`` RPC, with the chunks queued before it: the step has run when it returns
+        (``collect`` only hands it over)."""
+        reply = self._step(wpb.StepRequest(
             tokens=list(tokens),
             positions=list(positions),
             page_counts=[len(p) for p in pages],
             page_ids=[page for p in pages for page in p],
             sampling=[_row(s) for s in sampling],
             forced=list(forced),
-        )
-        reply = self._call("Step", request)
+        ))
         return _sampled(reply.tokens, reply.logprobs, reply)
 
-    @staticmethod
-    def collect(step: Sampled) -> Sampled:
-        return step
+    def _step(self, request: wpb.StepRequest) -> wpb.StepReply:
+        """Send a ``Step`` carrying every queued chunk, and hand each queue its rows of the reply. The queue
+        is emptied first: chunks whose call failed are never sent again (their pages may be reused)."""
+        queued, self._queued = self._queued, []
+        request.chunks.extend(chunk for q in queued for chunk in q.chunks)
+        reply = self._call("Step", request)
+        if len(reply.chunks.tokens) != len(request.chunks):
+            raise RuntimeError(f"decode worker {self.index} answered {len(reply.chunks.tokens)} of "
+                               f"{len(request.chunks)} local chunks")
+        rows = _sampled(reply.chunks.tokens, reply.chunks.logprobs, reply.chunks)
+        offset = 0
+        for q in queued:
+            q.sampled = Sampled(*(x[offset : offset + len(q.chunks)] for x in rows))
+            offset += len(q.chunks)
+        return reply
+
+    def collect(self, handle: Sampled | QueuedChunks) -> Sampled:
+        """A step's rows (its RPC has run), or queued chunks' samples, sending them if no step took them."""
+        if not isinstance(handle, QueuedChunks):
+            return handle
+        if any(q is handle for q in self._queued):
+            self._step(wpb.StepRequest())
+        if handle.sampled is None:
+            raise RuntimeError(f"decode worker {self.index}: the Step call that carried these chunks failed")
+        return handle.sampled
 
     def reset_pools(self) -> None:
+        self._queued = []  # their sequences failed with the pools
         if self.alive:
             try:
                 self._call("Reset", wpb.Empty())

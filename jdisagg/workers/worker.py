@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from jdisagg.executors import LocalChunk, PromptInput, Sampled, SamplingRow
 from jdisagg.v1 import worker_pb2 as wpb
 from jdisagg.v1 import worker_pb2_grpc as wpb_grpc
 from jdisagg.workers.membership import Membership, RegistrationRefused
@@ -72,6 +73,7 @@ def fingerprint(config: Any, kv_dtype: str, settings: wpb.Settings) -> str:
             "max_context": settings.max_context,
             "max_batch": settings.max_batch,
             "prefix_cache": settings.prefix_cache,
+            "local_chunk": settings.local_chunk,
         },
         sort_keys=True,
     )
@@ -115,6 +117,19 @@ def _top_fields(top_ids: np.ndarray, top_logprobs: np.ndarray, asked: bool) -> d
     return {"top_ids": top_ids.ravel().tolist(), "top_logprobs": top_logprobs.ravel().tolist()}
 
 
+def _sampling_row(s: wpb.SamplingRow) -> SamplingRow:
+    return SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top)
+
+
+def _sampled_rows(sampled: Sampled, chunks: list[LocalChunk]) -> wpb.SampledRows:
+    """Local chunks' samples for a reply (alternatives only when a chunk asked)."""
+    return wpb.SampledRows(
+        tokens=sampled.tokens.tolist(),
+        logprobs=sampled.logprobs.tolist(),
+        **_top_fields(sampled.top_ids, sampled.top_logprobs, any(c.sampling.num_top for c in chunks)),
+    )
+
+
 class WorkerService(wpb_grpc.WorkerServicer):
     """The Worker API over one local replica. A method of the other role answers FAILED_PRECONDITION."""
 
@@ -136,12 +151,9 @@ class WorkerService(wpb_grpc.WorkerServicer):
         return wpb.Empty()
 
     def Prefill(self, request: wpb.PrefillRequest, context: grpc.ServicerContext) -> wpb.PrefillReply:
-        from jdisagg.executors import PromptInput, SamplingRow
-
         self._require("prefill", context)
         s = request.sampling
-        row = SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top)
-        prompt = PromptInput(list(request.token_ids), row, request.forced, request.cached_tokens)
+        prompt = PromptInput(list(request.token_ids), _sampling_row(s), request.forced, request.cached_tokens)
         with _rpc_errors(context):
             try:  # the KV is cut after the cached prefix (jdisagg.kv_suffix): offered is only the rest
                 ((sampled, kv),) = self._replica.run_batch([prompt])
@@ -188,23 +200,35 @@ class WorkerService(wpb_grpc.WorkerServicer):
         return wpb.Empty()
 
     def Step(self, request: wpb.StepRequest, context: grpc.ServicerContext) -> wpb.StepReply:
-        from jdisagg.executors import SamplingRow
-
+        """The local-prefill chunks queued first, then the step's rows, on the device back to back; one
+        reply with both (a chunk the programs cannot run refuses the whole call before anything runs)."""
         self._require("decode", context)
         pages, offset = [], 0
         for count in request.page_counts:
             pages.append(list(request.page_ids[offset : offset + count]))
             offset += count
-        rows = [SamplingRow(s.temperature, s.top_k, s.top_p, s.seed, s.num_top) for s in request.sampling]
+        rows = [_sampling_row(s) for s in request.sampling]
+        chunks = [LocalChunk(list(c.token_ids), c.start, list(c.pages), _sampling_row(c.sampling), c.forced)
+                  for c in request.chunks]
         with _rpc_errors(context), self._pools:
-            sampled = self._replica.step(
+            try:
+                queued = self._replica.prefill_local(chunks) if chunks else None
+            except ValueError as exc:  # checked before anything runs: no programs, or a chunk they cannot run
+                raise InvalidRequestError(str(exc)) from exc
+            step = self._replica.dispatch(
                 list(request.tokens), list(request.positions), pages, rows, list(request.forced)
-            )
-            return wpb.StepReply(
-                tokens=sampled.tokens.tolist(),
-                logprobs=sampled.logprobs.tolist(),
-                **_top_fields(sampled.top_ids, sampled.top_logprobs, any(r.num_top for r in rows)),
-            )
+            ) if rows else None
+            reply = wpb.StepReply()
+            if step is not None:
+                sampled = self._replica.collect(step)
+                reply = wpb.StepReply(
+                    tokens=sampled.tokens.tolist(),
+                    logprobs=sampled.logprobs.tolist(),
+                    **_top_fields(sampled.top_ids, sampled.top_logprobs, any(r.num_top for r in rows)),
+                )
+            if queued is not None:
+                reply.chunks.CopyFrom(_sampled_rows(self._replica.collect(queued), chunks))
+            return reply
 
     def Reset(self, request: wpb.Empty, context: grpc.ServicerContext) -> wpb.Empty:
         self._require("decode", context)
@@ -283,9 +307,9 @@ def _build(opts: WorkerOptions, settings: wpb.Settings) -> tuple[WorkerService, 
         sender = KVSender(opts.host, offer_timeout)
         service = WorkerService("prefill", replica, sender=sender)
     else:
-        # No local prefill across processes (the front never sends chunks): its programs do not compile.
+        # prefill_local programs compile only when the front prefills prompts here (local_chunk > 0).
         replica = build_decode_replica(0, mesh, graphdef, state, sizes, settings.attention_backend or None,
-                                       cache_dtype, local_chunk=0)
+                                       cache_dtype, local_chunk=settings.local_chunk)
         expected = ExpectedKV(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
                               sizes.prefill_buckets, sizes.chunk_capacity, sizes.page_size)
         receiver = KVReceiver(opts.host, mesh, replica.kv_sharding, expected)
