@@ -66,10 +66,10 @@ class Cluster:
     compiling them at the same time on the same cores. Spawning every slot at once (``spawn_workers``, as
     ``launch --processes`` does) is tested below with the launch and the lost hand-off."""
 
-    def __init__(self, prefill: str, decode: str, log_dir: Path) -> None:
+    def __init__(self, prefill: str, decode: str, log_dir: Path, **front_options) -> None:
         self.log_dir = log_dir
         self.front = Front(None, parse_mesh_spec(prefill), parse_mesh_spec(decode), SIZES,
-                           pull_timeout_s=20.0, rpc_timeout_s=30.0)
+                           pull_timeout_s=20.0, rpc_timeout_s=30.0, **front_options)
         self.children: list[subprocess.Popen] = []
         roles = [slot.role for slot in self.front.slots]
         try:
@@ -286,18 +286,6 @@ def test_a_long_prompts_suffix_travels_as_chunk_pieces_and_a_shorter_last_one():
         assert np.array_equal(k, k_sent) and np.array_equal(v, v_sent)
 
 
-def test_launch_processes_refuses_local_prefill():
-    """Decode workers cannot prefill from their pages: asking for it is refused, not ignored."""
-    from jdisagg.serving.launch import LaunchOptions, _check_process_options
-
-    opts = LaunchOptions(model=None, prefill_mesh="1x1", decode_mesh="1x1", colocate=False, host="127.0.0.1",
-                         port=0, metrics_port=0, max_batch=4, page_size=16, num_pages=None, max_context=128,
-                         max_queue=8, attention_backend=None, drain_timeout=1.0, progress=False,
-                         processes=True, local_prefill_tokens=64)
-    with pytest.raises(ValueError, match="--local-prefill-tokens is not supported with --processes"):
-        _check_process_options(opts)
-
-
 def _cache_counters(engine: Engine) -> dict[str, float]:
     stats = engine.stats()
     return {"hit": stats["hit_tokens"], "handoff": stats["handoff_tokens"],
@@ -470,6 +458,113 @@ def test_a_decode_worker_killed_while_holding_cached_pages_takes_its_cache_with_
     assert [o.token_ids for o in engine.generate(PREFIX_PROMPTS, GREEDY)] == want
 
 
+# Prompts with at most LOCAL_TOKENS uncached tokens are prefilled on their decode worker, LOCAL_BUDGET tokens
+# per step: a 15-token prompt takes two chunks, the second starting mid-page.
+LOCAL_TOKENS, LOCAL_BUDGET = 16, 8
+
+
+@pytest.fixture(scope="module")
+def local_prefill(tmp_path_factory) -> Iterator[Cluster]:
+    """TP2 prefill -> two TP1 decode workers that prefill short prompts themselves. Only the decode
+    workers' prefill_local programs are new to the compile cache: the rest are tp2_to_tp1's."""
+    cluster = Cluster("2x1", "1x2", tmp_path_factory.mktemp("local_prefill"),
+                      local_prefill_tokens=LOCAL_TOKENS, step_token_budget=LOCAL_BUDGET)
+    yield cluster
+    cluster.close()
+
+
+def _prefills(after: dict, before: dict) -> tuple[int, int]:
+    """(local, remote) prompts scheduled between two ``Engine.stats()``."""
+    return (after["local_prefills"] - before["local_prefills"],
+            after["remote_prefills"] - before["remote_prefills"])
+
+
+def test_prompts_prefilled_on_decode_workers_give_the_in_process_engines_tokens(local_prefill):
+    """Five of the six prompts have at most 16 tokens: their decode worker prefills them, 8 tokens per Step
+    call next to the other rows' decode, and the tokens are the in-process engine's, which prefilled every
+    prompt on its prefill mesh (greedy and seeded sampling). Run again, the 21-token prompt finds its first
+    page cached and is prefilled locally too. Of two 64-token prompts sharing three pages, the first is
+    handed off and the second prefills its last 16 tokens from the first one's pages: nothing handed off."""
+    front, want = local_prefill.front, _reference("2x2", "1x2")
+    engine = front.engine
+    start = engine.stats()
+    assert _texts(engine, GREEDY) == want["greedy"]
+    greedy = engine.stats()
+    assert _texts(engine, SAMPLED) == want["sampled"]
+    sampled = engine.stats()
+    assert engine.generate(PREFIX_PROMPTS[:1], GREEDY)[0].token_ids == want["prefix"][0]
+    first = engine.stats()
+    assert engine.generate(PREFIX_PROMPTS[1:], GREEDY)[0].token_ids == want["prefix"][1]
+    second = engine.stats()
+    assert [_prefills(*pair) for pair in ((greedy, start), (sampled, greedy), (first, sampled),
+                                          (second, first))] == [(5, 1), (6, 0), (0, 1), (1, 0)]
+    assert second["hit_tokens"] - first["hit_tokens"] == 48
+    assert second["handoff_tokens"] == first["handoff_tokens"]
+    assert _pages_used(front) == [0, 0]
+    with engine._cv:
+        engine.scheduler.check()
+
+
+def _step_with_chunk(address: str, chunk: wpb.LocalChunk) -> grpc.RpcError:
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            wpb_grpc.WorkerStub(channel).Step(wpb.StepRequest(chunks=[chunk]), timeout=30)
+    return err.value
+
+
+def test_a_local_chunk_a_decode_worker_cannot_run_is_refused_before_anything_runs(local_prefill, tp2_to_tp1):
+    """INVALID_ARGUMENT, naming what is wrong: a chunk longer than the worker's local chunk, one that would
+    write the scratch page, and any chunk to a worker that compiled no local programs. Both serve on."""
+    row = wpb.SamplingRow(top_p=1.0)
+    local, remote_only = (cluster.front.decode[0].address for cluster in (local_prefill, tp2_to_tp1))
+    too_long = _step_with_chunk(local, wpb.LocalChunk(token_ids=[5] * 129, pages=range(1, 10), sampling=row))
+    scratch = _step_with_chunk(local, wpb.LocalChunk(token_ids=[5] * 4, pages=[0], sampling=row))
+    unable = _step_with_chunk(remote_only, wpb.LocalChunk(token_ids=[5] * 4, pages=[1], sampling=row))
+    assert {e.code() for e in (too_long, scratch, unable)} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert "a local chunk holds 1 to 128 tokens, got 129" in too_long.details()
+    assert "page 0 is the scratch page" in scratch.details()
+    assert "no local prefill programs" in unable.details()
+    want = _reference("2x2", "1x2")["greedy"][:1]
+    for cluster in (local_prefill, tp2_to_tp1):
+        assert [o.token_ids for o in cluster.front.engine.generate(PROMPTS[:1], GREEDY)] == want
+
+
+def test_a_decode_worker_lost_mid_local_prefill_fails_its_prompt_and_frees_its_pages(local_prefill):
+    """Both decode workers are stopped, so the Step that carries a local prompt's first chunk cannot be
+    answered; the worker it went to is killed: the prompt ends UNAVAILABLE, its pages return and the
+    scheduler's invariant holds. The survivor serves, and a restarted worker rejoins and prefills locally."""
+    front = local_prefill.front
+    engine = front.engine
+    workers = [local_prefill.child("decode", i) for i in range(2)]
+    before = engine.stats()
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        stream = engine.submit(PROMPTS[1], GREEDY)
+
+        def prefilling_on() -> list[int]:
+            with engine._cv:
+                return [i for i, held in engine.scheduler.local.items() if held]
+
+        _wait(lambda: prefilling_on(), "the prompt is being prefilled on a decode worker", timeout=20)
+        (slot,) = prefilling_on()
+        victim = workers[slot]
+        os.kill(victim.pid, signal.SIGKILL)
+    finally:
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGCONT)
+    output = stream.result(timeout=60)
+    assert output.finish_reason == FinishReason.ERROR and output.error_code == "UNAVAILABLE", output
+    assert output.token_ids == []  # lost before its first token was sampled
+    assert _prefills(engine.stats(), before) == (1, 0)
+    _wait(lambda: not front.decode[slot].alive, "the dead worker is noticed")
+    with engine._cv:
+        engine.scheduler.check()
+    _survive_and_rejoin(local_prefill, "decode", slot, victim)
+    # Local as well: the survivor's two prompts, and at least five of the six served after the rejoin.
+    assert _prefills(engine.stats(), before)[0] >= 1 + 2 + 5
+
+
 def _survive_and_rejoin(cluster: Cluster, role: str, slot: int, victim: subprocess.Popen) -> None:
     """After ``victim``'s death: its slot is dead, no request or page is left, the survivors serve, and a
     restarted worker takes the slot and serves the in-process reference's tokens."""
@@ -525,9 +620,10 @@ LAUNCH_DTYPES = {"dtype": "bfloat16", "kv_cache_dtype": "bfloat16"}
 
 
 def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_stops_its_workers(tmp_path):
-    """``--dtype/--kv-cache-dtype/--kv-cache-gb`` reach the spawned workers: the pages are what the budget
-    buys in bfloat16, the workers say what they serve in, and the tokens are the in-process engine's with
-    the same flags."""
+    """``--dtype/--kv-cache-dtype/--kv-cache-gb`` and ``--local-prefill-tokens`` reach the spawned workers:
+    the pages are what the budget buys in bfloat16, the workers say what they serve in, the 6-token prompt
+    is prefilled on the decode worker, and the tokens are the in-process engine's with the same dtypes
+    (which prefilled it on its prefill mesh)."""
     from jdisagg.serving.client import wait_until_serving
     from jdisagg.v1 import jdisagg_pb2 as pb
 
@@ -538,8 +634,8 @@ def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_s
             [sys.executable, "-m", "jdisagg.cli", "launch", "--processes", "--prefill-mesh", "1x1",
              "--decode-mesh", "1x1", "--max-batch", str(SIZES.max_batch), "--max-context",
              str(SIZES.max_context), "--dtype", "bfloat16", "--kv-cache-dtype", "bfloat16", "--kv-cache-gb",
-             repr(LAUNCH_KV_CACHE_GB), "--port", str(port), "--metrics-port", str(metrics_port),
-             "--http-port", "0", "--no-progress"],
+             repr(LAUNCH_KV_CACHE_GB), "--local-prefill-tokens", "8", "--step-token-budget", "8",
+             "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", "0", "--no-progress"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     try:
@@ -561,13 +657,15 @@ def test_launch_processes_serves_in_the_dtypes_and_kv_budget_given_and_sigterm_s
         if front.poll() is None:
             front.kill()
     log_text = (tmp_path / "launch.log").read_text()
-    for said in ("prefill worker: params in bfloat16", "prefix cache on, local prefill off",
+    for said in ("prefill worker: params in bfloat16", "local prefill up to 8 uncached tokens",
                  f"decode worker: params in bfloat16, KV pages in bfloat16 ({SIZES.num_pages} with scratch)"):
         assert said in log_text, log_text[-3000:]
     assert f"{LAUNCH_PAGE_BYTES} bytes per page" in log_text
-    totals = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
-              if s.name == "jdisagg_kv_pages_total"]
-    assert totals == [SIZES.num_pages - 1]  # the scratch page is not handed out
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+               if s.name in ("jdisagg_kv_pages_total", "jdisagg_local_prefills_total",
+                             "jdisagg_remote_prefills_total")}
+    assert samples["jdisagg_kv_pages_total"] == SIZES.num_pages - 1  # the scratch page is not handed out
+    assert (samples["jdisagg_local_prefills_total"], samples["jdisagg_remote_prefills_total"]) == (1, 0)
     with Engine(prefill_mesh="1x1", decode_mesh="1x1", page_size=SIZES.page_size, max_batch=SIZES.max_batch,
                 max_context=SIZES.max_context, kv_cache_gb=LAUNCH_KV_CACHE_GB, prefix_cache=False,
                 progress=False, **LAUNCH_DTYPES) as engine:
