@@ -42,8 +42,8 @@ from jdisagg.programs import compile_kv_seed
 
 def default_cache_bytes(context_tokens: int, layers: int, kv_heads: int, head_dim: int, dtype: Any) -> int:
     """One full context of KV (k and v): the default budget. The prefill mesh already holds that much for the
-    buffer of every long prompt it runs, so the cache at most doubles its peak KV, and one context holds a
-    long shared system prompt many times over."""
+    buffer of every long prompt it runs, so the cache at most doubles its peak KV; and one context's worth
+    holds the leading chunks of the longest prompt, or of several prompts that share a long prefix."""
     return 2 * context_tokens * layers * kv_heads * head_dim * np.dtype(dtype).itemsize
 
 
