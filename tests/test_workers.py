@@ -540,6 +540,8 @@ def test_a_decode_worker_lost_mid_local_prefill_fails_its_prompt_and_frees_its_p
     for worker in workers:
         os.kill(worker.pid, signal.SIGSTOP)
     try:
+        for worker in workers:
+            _wait(lambda pid=worker.pid: _process_state(pid) == "T", "the worker is stopped", timeout=10)
         stream = engine.submit(PROMPTS[1], GREEDY)
 
         def prefilling_on() -> list[int]:
@@ -596,6 +598,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _process_state(pid: int) -> str:
+    """``T`` while stopped (field 3 of /proc/N/stat)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def _children(pid: int) -> list[int]:
