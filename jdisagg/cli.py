@@ -67,13 +67,24 @@ def _add_layout_flags(p: argparse.ArgumentParser) -> None:
                         "disaggregation is measured against)")
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -149,6 +160,11 @@ def _build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                         help="do not reuse the KV of full pages a decode replica already holds for a "
                              "prompt's prefix: every prompt's KV is computed and handed off in full")
+    launch.add_argument("--prefill-cache-gb", type=_non_negative_float, default=None, metavar="GB",
+                        help="KV each prefill replica keeps of long prompts' leading chunks, so a prompt "
+                             "sharing them is prefilled only from its first uncached chunk; 0: off (default: "
+                             "one full context of KV; off with --colocate or --no-prefix-cache; worker "
+                             "processes always use the default)")
     launch.add_argument("--local-prefill-tokens", type=_non_negative, default=None, metavar="N",
                         help="prefill a prompt on its decode replica, in chunks between decode steps, when "
                              "at most N of its tokens are uncached; 0: never (default: 0, but every prompt "

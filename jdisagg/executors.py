@@ -42,8 +42,8 @@ class PromptInput:
     sampling: SamplingRow
     forced: int = -1
     # A multiple of the page size, below len(token_ids): the decode replica already holds the KV of
-    # token_ids[:cached_tokens], so the offer carries only the KV of the rest (prefill still runs the whole
-    # prompt: the prefill mesh has no copy of the prefix). 0 for executors that cannot (worker proxies).
+    # token_ids[:cached_tokens], so the offer carries only the KV of the rest (the prefill itself starts
+    # where the prefill replica's own cache ends, jdisagg.prefill_cache: the decode pages are not here).
     cached_tokens: int = 0
 
 

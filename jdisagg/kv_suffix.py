@@ -1,9 +1,10 @@
 """The suffix-only hand-off: a prompt whose first ``cached`` tokens' KV the decode replica already holds
 ships only the KV of the rest.
 
-The prefill mesh has no copy of the cached prefix, so it still prefills the whole prompt; what changes is
-what moves: the KV of positions ``cached .. len - 1``, so the bytes transferred follow the uncached suffix.
-``cached`` is a multiple of the page size, so the suffix starts at a page boundary and the decode replica
+The prefill mesh computes the prompt from where its own cache ends (``jdisagg.prefill_cache``: whole
+chunks of long prompts; otherwise the whole prompt); what changes here is what moves: the KV of
+positions ``cached .. len - 1``, so the bytes transferred follow the uncached suffix. ``cached`` is a
+multiple of the page size, so the suffix starts at a page boundary and the decode replica
 inserts it into the prompt's pages from ``cached // page_size`` on with its usual insert programs.
 
 Shapes stay bounded: a short prompt's suffix is cut to the bucket of its length (``kv_window[T, S]`` for

@@ -1,7 +1,8 @@
 """Prefill on the decode replica itself: prompt chunks that attend to KV already in its pages.
 
 Why here and not on the prefill mesh: a prompt whose prefix is cached in a decode replica's pages only needs
-its suffix computed, and the prefill mesh has no copy of that prefix; a short suffix is cheaper to compute
+its suffix computed, and the prefill mesh holds at most the whole chunks its own cache kept
+(``jdisagg.prefill_cache``); a short suffix is cheaper to compute
 next to its KV than to prefill and hand off (conditional disaggregation), and in colocated mode the same
 chunks interleave with decode steps (chunked prefill). The scheduler decides which prompts run here and
 cuts them into ``LocalChunk``s; this module runs them.

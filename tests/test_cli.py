@@ -89,9 +89,11 @@ TOO_SMALL = "KV budget of 0.0001 GiB per decode device (kv_cache_gb=0.0001) hold
 @pytest.mark.parametrize(("flags", "reason"), [
     (["--kv-cache-gb", "0.0001"], TOO_SMALL),
     (["--memory-fraction", "0.5"], "--memory-fraction is not supported with --processes"),
-], ids=["kv-budget-too-small", "memory-fraction"])
+    (["--prefill-cache-gb", "1"], "--prefill-cache-gb is not supported with --processes"),
+], ids=["kv-budget-too-small", "memory-fraction", "prefill-cache-budget"])
 def test_processes_refuse_a_kv_budget_they_cannot_serve_in_one_line_exit_2(flags, reason):
-    """Checked before any worker starts: the budget is counted in the dtypes the workers will serve in."""
+    """Checked before any worker starts: the budget is counted in the dtypes the workers will serve in, and
+    a budget the workers would not take is refused rather than ignored."""
     result = _run("launch", "--processes", "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--max-context",
                   "128", "--dtype", "bfloat16", "--port", "0", "--metrics-port", "0", "--http-port", "0",
                   *flags)

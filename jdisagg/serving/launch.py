@@ -58,6 +58,7 @@ class LaunchOptions:
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off
     chat_template: str | None = None  # a Jinja file replacing the model's chat template
     prefix_cache: bool = True
+    prefill_cache_gb: float | None = None  # None: Engine's default (one full context of KV)
     local_prefill_tokens: int | None = None  # None: Engine's default (chunked when colocated off the CPU)
     step_token_budget: int = 512
 
@@ -145,6 +146,7 @@ def _start_engine(opts: LaunchOptions, meshes) -> Engine:
         kv_cache_dtype=opts.kv_cache_dtype, kv_cache_gb=opts.kv_cache_gb,
         memory_fraction=opts.memory_fraction, prefix_cache=opts.prefix_cache,
         local_prefill_tokens=opts.local_prefill_tokens, step_token_budget=opts.step_token_budget,
+        prefill_cache_gb=opts.prefill_cache_gb,
     )
 
 
@@ -163,7 +165,11 @@ def _start_http(opts: LaunchOptions) -> HTTPServer:
 
 def _check_process_options(opts: LaunchOptions) -> None:
     """Refuse what would be silently ignored: the front sizes the KV cache before any worker has seen its
-    devices, so it cannot take a share of their memory."""
+    devices, so it cannot take a share of their memory; prefill workers size their own prefix cache."""
+    if opts.prefill_cache_gb is not None:
+        raise ValueError("--prefill-cache-gb is not supported with --processes (each prefill worker keeps "
+                         "the default budget, one full context of KV, while the prefix cache is on; "
+                         "--no-prefix-cache turns it off)")
     if opts.memory_fraction is not None:
         raise ValueError("--memory-fraction is not supported with --processes (the front counts the KV "
                          "pages before any worker sees its devices): state the budget per decode device with "
