@@ -512,9 +512,13 @@ def _step_with_chunk(address: str, chunk: wpb.LocalChunk) -> grpc.RpcError:
     return err.value
 
 
-def test_a_local_chunk_a_decode_worker_cannot_run_is_refused_before_anything_runs(local_prefill, tp2_to_tp1):
+def test_local_chunks_a_worker_cannot_run_are_refused_and_local_log_probs_are_the_prefill_workers(
+    local_prefill, tp2_to_tp1
+):
     """INVALID_ARGUMENT, naming what is wrong: a chunk longer than the worker's local chunk, one that would
-    write the scratch page, and any chunk to a worker that compiled no local programs. Both serve on."""
+    write the scratch page, and any chunk to a worker that compiled no local programs. Both serve on: a
+    prompt prefilled on one's decode worker and on the other's prefill worker gets the same tokens,
+    log-probabilities and most likely alternatives (which a Step reply carries for its chunks)."""
     row = wpb.SamplingRow(top_p=1.0)
     local, remote_only = (cluster.front.decode[0].address for cluster in (local_prefill, tp2_to_tp1))
     too_long = _step_with_chunk(local, wpb.LocalChunk(token_ids=[5] * 129, pages=range(1, 10), sampling=row))
@@ -524,9 +528,15 @@ def test_a_local_chunk_a_decode_worker_cannot_run_is_refused_before_anything_run
     assert "a local chunk holds 1 to 128 tokens, got 129" in too_long.details()
     assert "page 0 is the scratch page" in scratch.details()
     assert "no local prefill programs" in unable.details()
-    want = _reference("2x2", "1x2")["greedy"][:1]
-    for cluster in (local_prefill, tp2_to_tp1):
-        assert [o.token_ids for o in cluster.front.engine.generate(PROMPTS[:1], GREEDY)] == want
+    params = SamplingParams(max_tokens=GREEDY.max_tokens, logprobs=3)
+    before = local_prefill.front.engine.stats()
+    here, there = (c.front.engine.generate(PROMPTS[:1], params)[0] for c in (local_prefill, tp2_to_tp1))
+    assert _prefills(local_prefill.front.engine.stats(), before) == (1, 0)
+    assert here.token_ids == there.token_ids == _reference("2x2", "1x2")["greedy"][0]
+    np.testing.assert_allclose(here.logprobs, there.logprobs, atol=1e-4)
+    for mine, theirs in zip(here.top_logprobs, there.top_logprobs, strict=True):
+        assert [t for t, _ in mine] == [t for t, _ in theirs]
+        np.testing.assert_allclose([lp for _, lp in mine], [lp for _, lp in theirs], atol=1e-4)
 
 
 def test_a_decode_worker_lost_mid_local_prefill_fails_its_prompt_and_frees_its_pages(local_prefill):
