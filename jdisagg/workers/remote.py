@@ -1,8 +1,9 @@
 """Front-side proxies of worker processes, shaped like the in-process replicas the engine drives.
 
 The engine's stages call these exactly as they call ``PrefillReplica`` and ``DecodeReplica``; each call is
-one RPC. Page accounting stays in the front's scheduler: page tables are host state of the one scheduler,
-so no page is ever accounted in two places and a lost worker cannot leak any.
+one RPC, except ``prefill_local``, whose chunks ride in the next ``Step``. Page accounting stays in the
+front's scheduler: page tables are host state of the one scheduler, so no page is ever accounted in two
+places and a lost worker cannot leak any.
 
 One error contract: every transport failure of a worker call ends the request with
 ``WorkerUnavailableError`` (gRPC UNAVAILABLE to the client) and a message naming the worker, so clients that
