@@ -8,7 +8,9 @@ removed at the end), so an identical program compiled by a later engine or subpr
 in this process through ``enable_compile_cache``, in subprocesses through ``XDG_CACHE_HOME``, where
 ``jdisagg launch`` and ``jdisagg worker`` keep theirs by default. A loaded program is not a compilation
 (``jdisagg.compile_counter``); tests that need real compiles, or test the cache itself, pass their own
-``--compile-cache``.
+``--compile-cache``. The cache is keyed without the devices a program was compiled for
+(tests/shared_compile_cache/sitecustomize.py, put on every subprocess's ``PYTHONPATH``): the second decode
+replica, or the same engine on other devices, loads what the first compiled.
 
 The page-leak check is the invariant docs/architecture.md promises: whenever an engine is idle, no KV page
 is in use. Every ``Engine`` built in this process is recorded (module-scoped ones included), and so is every
@@ -18,6 +20,7 @@ little for each of them to go idle, then fails the test if any page is still hel
 
 import atexit
 import os
+import runpy
 import shutil
 import tempfile
 
@@ -41,6 +44,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 SESSION_CACHE_HOME = tempfile.mkdtemp(prefix="jdisagg-test-cache-")
 atexit.register(shutil.rmtree, SESSION_CACHE_HOME, ignore_errors=True)
 os.environ["XDG_CACHE_HOME"] = SESSION_CACHE_HOME  # read by every subprocess's default compile cache
+
+SHARED_COMPILE_CACHE_HOOK = os.path.join(os.path.dirname(__file__), "shared_compile_cache")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [SHARED_COMPILE_CACHE_HOOK, *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+runpy.run_path(os.path.join(SHARED_COMPILE_CACHE_HOOK, "sitecustomize.py"))  # this process too
 
 from jdisagg.compile_cache import enable_compile_cache  # noqa: E402
 

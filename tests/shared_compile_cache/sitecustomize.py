@@ -1,0 +1,66 @@
+"""The test suite's compile cache, shared across devices: a program compiled for CPU devices 0-1 is loaded,
+not compiled again, for devices 2-3.
+
+JAX keys its persistent cache on the program *and* the devices it was compiled for, except on GPU, where
+it keys on the device count only and loads the executable onto the devices asked for. On CPU the second of
+two identical decode replicas, or the same engine on other devices in a later test, compiles everything
+again; in this suite that is a large part of its time. This module makes the CPU key leave the device
+assignment out, as the GPU key does (the loaded executable still runs on the devices the caller asked for:
+JAX hands them to the loader).
+
+tests/conftest.py applies it in the pytest process and puts this directory on ``PYTHONPATH``, so that
+Python runs it at start-up (as ``sitecustomize``) in every subprocess the suite starts: ``jdisagg launch``
+and its worker processes share the same cache directory. It patches a private function of JAX, so it only
+touches JAX when a program looks up the cache and changes nothing when that function is not there;
+``jax`` itself is not imported by it (the CLI must start without JAX).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+_MODULE = "jax._src.cache_key"
+
+
+def _strip_device_assignment(cache_key_module) -> None:
+    hash_options = getattr(cache_key_module, "_hash_serialized_compile_options", None)
+    if hash_options is None or getattr(hash_options, "strips_devices", False):
+        return
+
+    def without_devices(hash_obj, compile_options, strip_device_assignment=False):
+        return hash_options(hash_obj, compile_options, strip_device_assignment=True)
+
+    without_devices.strips_devices = True
+    cache_key_module._hash_serialized_compile_options = without_devices
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds JAX's cache-key module through the other finders, and patches it once it has run."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            run_module(module)
+            _strip_device_assignment(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def share_across_devices() -> None:
+    if _MODULE in sys.modules:
+        _strip_device_assignment(sys.modules[_MODULE])
+    elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+share_across_devices()
