@@ -174,7 +174,7 @@ class Engine:
         )
         self.metrics = EngineMetrics(self.model_name, compile_count)
         self._prefill, self._decode = prefill, decode
-        # When every prompt prefills locally (colocated default), the prefill replicas never run.
+        # When every prompt prefills locally (colocated on GPU/TPU by default), prefill replicas never run.
         idle = local_chunk and local_prefill_tokens >= sizes.max_context
         self._num_programs = compile_programs(([] if idle else prefill) + decode, progress)
         self.warm_compile_count = compile_count()

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--json", metavar="PATH", help="also write every summary as JSON")
     pp.add_argument("--colocate", action="store_true")
     pp.add_argument("--local-prefill-tokens", type=int, default=None,
-                    help="the engine's threshold (default: its own; colocated prefills every prompt locally)")
+                    help="the engine's threshold (default: its own: 0, or every prompt colocated on GPU/TPU)")
     pp.add_argument("--prefill-cache-gb", type=float, default=None,
                     help="the prefill replicas' own cache with the cache on (default: the engine's; 0: off)")
     pp.add_argument("--conversations", type=int, default=8)
