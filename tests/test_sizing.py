@@ -97,7 +97,7 @@ def test_engine_refuses_a_budget_without_room_for_one_full_context():
 def test_cli_refuses_a_kv_budget_too_small_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "jdisagg.cli", "launch", "--port", "0", "--metrics-port", "0", "--no-progress",
-         "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--kv-cache-gb", "0.0001",
+         "--http-port", "0", "--prefill-mesh", "1x1", "--decode-mesh", "1x1", "--kv-cache-gb", "0.0001",
          "--compile-cache", "off"],
         capture_output=True, text=True, timeout=600,
     )
