@@ -86,12 +86,19 @@ class ChunkedPrefill:
     def __call__(self, token_ids: Sequence[int]) -> tuple[jax.Array, ChunkedKV]:
         """Dispatch every chunk of ``token_ids`` (asynchronously): the logits after the prompt ``[1, V]``
         and its KV pieces, one per chunk. ``token_ids`` must be longer than one chunk."""
+        return self._prefill_from(token_ids, self._new_buffer(), [])
+
+    def _prefill_from(
+        self, token_ids: Sequence[int], buffer: KVBuffer, done: Sequence[KVPiece]
+    ) -> tuple[jax.Array, ChunkedKV]:
+        """Dispatch the chunks after the first ``len(done)``, whose pieces ``done`` are already in
+        ``buffer`` (a prefix cache's hit; none otherwise); the hand-off holds ``done`` and the new pieces."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
         tokens = np.zeros((-(-len(token_ids) // self.chunk) * self.chunk,), np.int32)
         tokens[: len(token_ids)] = token_ids
         length = jax.device_put(np.int32(len(token_ids)), replicated)
-        buffer, pieces = self._new_buffer(), []
-        for start in range(0, len(token_ids), self.chunk):
+        pieces = list(done)
+        for start in range(len(done) * self.chunk, len(token_ids), self.chunk):
             chunk = jax.device_put(tokens[None, start : start + self.chunk], replicated)
             start_at = jax.device_put(np.int32(start), replicated)
             logits, k, v, buffer = self._run(self._state, buffer, chunk, start_at, length)

@@ -131,23 +131,10 @@ class CachedChunkedPrefill(ChunkedPrefill):
         """As ``ChunkedPrefill``'s, reusing the cached leading chunks and caching the prompt's full ones."""
         keys = self.cache.keys(token_ids)
         cached = self.cache.lookup(keys[: (len(token_ids) - 1) // self.chunk])
-        logits, kv = self._run_from(token_ids, cached)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        buffer = self._new_buffer()
+        for i, (k, v) in enumerate(cached):  # cached chunks go back where prefill_chunk wrote them
+            buffer = self._seed(buffer, k, v, jax.device_put(np.int32(i * self.chunk), replicated))
+        logits, kv = self._prefill_from(token_ids, buffer, cached)
         self.cache.store(keys, kv.pieces[: len(keys)])
         return logits, kv
-
-    def _run_from(self, token_ids: Sequence[int], cached: Sequence[KVPiece]) -> tuple[jax.Array, ChunkedKV]:
-        """Seed the buffer with ``cached`` (the first chunks' pieces), then dispatch the chunk program for
-        every later chunk; the hand-off is the cached pieces and the computed ones, in prompt order."""
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        tokens = np.zeros((-(-len(token_ids) // self.chunk) * self.chunk,), np.int32)
-        tokens[: len(token_ids)] = token_ids
-        length = jax.device_put(np.int32(len(token_ids)), replicated)
-        buffer, pieces = self._new_buffer(), list(cached)
-        for i, (k, v) in enumerate(cached):
-            buffer = self._seed(buffer, k, v, jax.device_put(np.int32(i * self.chunk), replicated))
-        for start in range(len(cached) * self.chunk, len(token_ids), self.chunk):
-            chunk = jax.device_put(tokens[None, start : start + self.chunk], replicated)
-            start_at = jax.device_put(np.int32(start), replicated)
-            logits, k, v, buffer = self._run(self._state, buffer, chunk, start_at, length)
-            pieces.append((k, v))
-        return logits, ChunkedKV(tuple(pieces))
