@@ -95,9 +95,9 @@ class Engine:
         step_token_budget: int = 512,
         prefill_cache_gb: float | None = None,
     ) -> None:
-        if (local_prefill_tokens or 0) < 0 or step_token_budget < 1 or (prefill_cache_gb or 0) < 0:
-            raise ValueError(f"want local_prefill_tokens >= 0, step_token_budget >= 1 and prefill_cache_gb "
-                             f">= 0, got {local_prefill_tokens}, {step_token_budget} and {prefill_cache_gb}")
+        _check_prefill_limits(local_prefill_tokens, step_token_budget)
+        if (prefill_cache_gb or 0) < 0:
+            raise ValueError(f"want prefill_cache_gb >= 0, got {prefill_cache_gb}")
         built = build_replicas(
             model, tokenizer=tokenizer, prefill_mesh=prefill_mesh, decode_mesh=decode_mesh, colocate=colocate,
             page_size=page_size, num_pages=num_pages, max_batch=max_batch, max_context=max_context,
@@ -137,9 +137,7 @@ class Engine:
         ``Engine``'s (the prefill replicas must take ``cached_tokens``; local prefill needs decode replicas
         whose ``local_chunk`` is above 0, default off). A decode replica with ``watch_pages`` reports when
         its pages' KV is gone (a lost worker): what it held fails and its cached pages are forgotten."""
-        if local_prefill_tokens < 0 or step_token_budget < 1:
-            raise ValueError(f"want local_prefill_tokens >= 0 and step_token_budget >= 1, got "
-                             f"{local_prefill_tokens} and {step_token_budget}")
+        _check_prefill_limits(local_prefill_tokens, step_token_budget)
         local = f"up to {local_prefill_tokens} uncached tokens" if local_prefill_tokens else "off"
         cache = "on" if prefix_cache else "off"
         log.info("prefix cache %s, local prefill %s (worker processes)", cache, local)
@@ -321,3 +319,10 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown(drain=False)
+
+
+def _check_prefill_limits(local_prefill_tokens: int | None, step_token_budget: int) -> None:
+    """Refuse local-prefill limits the scheduler cannot honour, before anything is built."""
+    if (local_prefill_tokens or 0) < 0 or step_token_budget < 1:
+        raise ValueError(f"want local_prefill_tokens >= 0 and step_token_budget >= 1, got "
+                         f"{local_prefill_tokens} and {step_token_budget}")
