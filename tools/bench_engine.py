@@ -170,6 +170,7 @@ def run_plain_loop(module, batch_prompts, args) -> Result:
     from flax import nnx
 
     from jdisagg.models.fused import fuse_projections
+    from jdisagg.programs import compile_program
     from jdisagg.sampling import sample_tokens
 
     graphdef, state = nnx.split(module if args.separate_projections else fuse_projections(module))
@@ -192,7 +193,6 @@ def run_plain_loop(module, batch_prompts, args) -> Result:
 
     forward = dense_decode_forward(graphdef, batch, total)
 
-    @jax.jit
     def step(state, caches, tokens, position):
         logits, caches = forward(state, caches, tokens, position)
         nxt = sample_tokens(logits, *sampling, jnp.full(batch, position + 1, jnp.int32), no_force, no_top)
@@ -200,7 +200,9 @@ def run_plain_loop(module, batch_prompts, args) -> Result:
 
     tokens = jnp.asarray(batch_prompts, jnp.int32)
     first, caches = prefill(state, tokens)
-    step(state, caches, first, jnp.int32(length)).__getitem__(0).block_until_ready()  # compile
+    # Compiled as the engine compiles its decode programs (same options, caches donated like its pools).
+    step = compile_program(jax.jit(step, donate_argnums=(1,)).lower(state, caches, first, jnp.int32(length)),
+                           platform=jax.devices()[0].platform, rows=batch)
     start = time.perf_counter()
     first, caches = prefill(state, tokens)
     first.block_until_ready()
