@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def launched(tmp_path_factory, kv_page_watch) -> Iterator[tuple[subprocess.Popen
         process.kill()
         pytest.fail(f"{exc}\n{(logs / 'err').read_text(errors='replace')[-3000:]}")
     kv_page_watch.watch_metrics(f"http://127.0.0.1:{DEFAULT_PORTS[1]}/metrics")
+    deadline = time.monotonic() + 60  # "serving on" is printed just after the health status turns SERVING
+    while not (logs / "out").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     yield process, logs
     if process.poll() is None:
         process.kill()
