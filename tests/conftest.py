@@ -25,9 +25,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in _xla_flags:  # an xdist worker inherits it
+    os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_force_host_platform_device_count=8".strip()
 
 import time  # noqa: E402
 import urllib.error  # noqa: E402
@@ -41,14 +41,20 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-SESSION_CACHE_HOME = tempfile.mkdtemp(prefix="jdisagg-test-cache-")
-atexit.register(shutil.rmtree, SESSION_CACHE_HOME, ignore_errors=True)
+# pytest-xdist's workers inherit the controller's environment: they all share the cache the controller made
+# (and removes when the run ends), so a program one worker compiled is loaded by the other.
+if "JDISAGG_TEST_CACHE_HOME" in os.environ:
+    SESSION_CACHE_HOME = os.environ["JDISAGG_TEST_CACHE_HOME"]
+else:
+    SESSION_CACHE_HOME = tempfile.mkdtemp(prefix="jdisagg-test-cache-")
+    os.environ["JDISAGG_TEST_CACHE_HOME"] = SESSION_CACHE_HOME
+    atexit.register(shutil.rmtree, SESSION_CACHE_HOME, ignore_errors=True)
 os.environ["XDG_CACHE_HOME"] = SESSION_CACHE_HOME  # read by every subprocess's default compile cache
 
 SHARED_COMPILE_CACHE_HOOK = os.path.join(os.path.dirname(__file__), "shared_compile_cache")
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [SHARED_COMPILE_CACHE_HOOK, *filter(None, [os.environ.get("PYTHONPATH")])]
-)
+_inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+              if p and p != SHARED_COMPILE_CACHE_HOOK]
+os.environ["PYTHONPATH"] = os.pathsep.join([SHARED_COMPILE_CACHE_HOOK, *_inherited])
 runpy.run_path(os.path.join(SHARED_COMPILE_CACHE_HOOK, "sitecustomize.py"))  # this process too
 
 from jdisagg.compile_cache import enable_compile_cache  # noqa: E402
@@ -129,3 +135,18 @@ def no_leaked_kv_pages(kv_page_watch: KVPageWatch) -> Iterator[None]:
     leaks = kv_page_watch.leaks()
     if leaks:
         pytest.fail("KV pages still in use after the test:\n" + "\n".join(leaks), pytrace=False)
+
+
+# The modules that take longest (minutes: worker clusters, launched servers, long prompts), slowest first.
+# The README's command runs the suite on two pytest-xdist workers, one module at a time each, handed out in
+# collection order; these start first so that none of them is left running alone at the end.
+SLOWEST_MODULES = ("test_workers.py", "test_docs.py", "test_chunked_prefill.py", "test_server.py",
+                   "test_demo_model.py", "test_cli.py", "test_engine.py", "test_http.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+
+    items.sort(key=rank)  # stable: every module keeps its own order
