@@ -6,7 +6,8 @@ it keys on the device count only and loads the executable onto the devices asked
 two identical decode replicas, or the same engine on other devices in a later test, compiles everything
 again; in this suite that is a large part of its time. This module makes the CPU key leave the device
 assignment out, as the GPU key does (the loaded executable still runs on the devices the caller asked for:
-JAX hands them to the loader).
+JAX hands them to the loader), and key CPU devices by their number rather than by the topology of the
+process's client, so a worker process (one CPU device) and the pytest process (eight) share programs too.
 
 tests/conftest.py applies it in the pytest process and puts this directory on ``PYTHONPATH``, so that
 Python runs it at start-up (as ``sitecustomize``) in every subprocess the suite starts: ``jdisagg launch``
@@ -34,6 +35,19 @@ def _strip_device_assignment(cache_key_module) -> None:
 
     without_devices.strips_devices = True
     cache_key_module._hash_serialized_compile_options = without_devices
+
+    hash_accelerators = getattr(cache_key_module, "_hash_accelerator_config", None)
+    if hash_accelerators is not None:
+        def cpu_by_count(hash_obj, accelerators):
+            """CPU: the number of devices, not the topology of the process's client (a worker process has
+            one CPU device, the pytest process eight: the same program would otherwise be keyed apart)."""
+            devices = list(accelerators.flat)
+            if devices and all(d.platform == "cpu" for d in devices):
+                hash_obj.update(f"cpu x{len(devices)}".encode())
+            else:
+                hash_accelerators(hash_obj, accelerators)
+
+        cache_key_module._hash_accelerator_config = cpu_by_count
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
