@@ -3,7 +3,8 @@ shape comes from. Pure Python, no JAX, so the grouping is unit-tested in millise
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 
 def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:
@@ -26,18 +27,26 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
 MAX_BATCH_PADDING = 2  # a batched prefill call computes at most this many times its prompts' own tokens
 
 
-def plan_prefill_calls(
-    lengths: Sequence[int], buckets: tuple[int, ...], batched_buckets: tuple[int, ...], batch: int
-) -> list[list[int]]:
-    """Indices of the prompts of ``lengths`` grouped into prefill calls, longest bucket first: a group of
-    several is one ``prefill[batch, T]`` call of prompts of bucket T, a group of one runs on its own.
+class PrefillCall(NamedTuple):
+    """One prefill call: ``prompts`` (indices) through ``prefill[rows, T]``, or ``prefill[T]`` when ``rows``
+    is 1 (one prompt on its own)."""
 
-    Prompts share a call only with their own bucket, so each one's KV hand-off keeps its own length. Up to
-    ``batch`` of them share a call when its ``batch`` rows cost at most ``MAX_BATCH_PADDING`` times theirs
-    (a call at least half full); otherwise they run one by one. Fewer calls save launches, but on a
-    compute-bound device (a CPU) a padding row costs what a real one does, so the saving must not buy
-    unbounded extra work: 2x is what the power-of-two length buckets already accept. Many waiting prompts
-    fill whole calls anyway.
+    rows: int
+    prompts: list[int]
+
+
+def plan_prefill_calls(
+    lengths: Sequence[int], buckets: tuple[int, ...], batched: Mapping[int, tuple[int, ...]]
+) -> list[PrefillCall]:
+    """The prompts of ``lengths`` grouped into prefill calls, longest bucket first. ``batched`` maps a length
+    bucket T to the batch sizes (ascending) it has a ``prefill[B, T]`` program for.
+
+    Prompts share a call only with their own bucket, so each one's KV hand-off keeps its own length. A group
+    takes the smallest compiled batch that holds it (the largest, for more prompts than that), when its rows
+    cost at most ``MAX_BATCH_PADDING`` times the group's own (a call at least half full); otherwise its
+    prompts run one by one. Fewer calls save launches, but on a compute-bound device (a CPU) a padding row
+    costs what a real one does, so the saving must not buy unbounded extra work: 2x is what the power-of-two
+    length buckets already accept. Many waiting prompts fill whole calls anyway.
     """
     def own_bucket(n: int) -> int | None:
         return bucket_for(n, buckets) if n <= buckets[-1] else None  # longer: chunked or refused alone
@@ -46,11 +55,12 @@ def plan_prefill_calls(
     calls = []
     while order:
         bucket = own_bucket(lengths[order[0]])
-        window = [i for i in order[:batch] if own_bucket(lengths[i]) == bucket]
-        if len(window) > 1 and bucket in batched_buckets and batch <= MAX_BATCH_PADDING * len(window):
-            calls.append(window)
+        sizes = batched.get(bucket, ()) if bucket is not None else ()
+        group = [i for i in order[: max(sizes, default=1)] if own_bucket(lengths[i]) == bucket]
+        rows = next((b for b in sizes if b >= len(group)), 1)
+        if len(group) > 1 and rows <= MAX_BATCH_PADDING * len(group):
+            calls.append(PrefillCall(rows, group))
         else:
-            window = window[:1]
-            calls.append(window)
-        order = order[len(window):]
+            calls.append(PrefillCall(1, group[:1]))
+        order = order[len(calls[-1].prompts):]
     return calls

@@ -166,7 +166,7 @@ class Engine:
         local_chunk = min(d.local_chunk for d in decode) if local_prefill_tokens else 0
         self.scheduler_config = SchedulerConfig(
             sizes.page_size, sizes.max_batch, sizes.max_context, max_queue=self.max_queue,
-            max_prefill_batch=sizes.max_prefill_batch, prefill_token_budget=sizes.prefill_token_budget,
+            max_prefill_batch=sizes.prefill_call_prompts, prefill_token_budget=sizes.prefill_token_budget,
             prefix_cache=prefix_cache, local_prefill_tokens=local_prefill_tokens,
             local_chunk=local_chunk, step_token_budget=step_token_budget,
         )

@@ -9,7 +9,7 @@ suffix (``jdisagg.kv_suffix``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,20 +44,20 @@ class PrefillReplica:
         shape: ModelShape,
         buckets: tuple[int, ...],
         *,
-        batch: int = 1,
-        batched_buckets: tuple[int, ...] = (),
+        batched: Mapping[int, tuple[int, ...]] | None = None,
         chunked: ChunkedPrefill | None = None,
         suffix: SuffixCutter | None = None,
     ) -> None:
         self.index, self.mesh, self.buckets = index, mesh, buckets
-        # prefill[batch, T] for T in batched_buckets (run_batch); a prompt on its own runs prefill[T].
-        self.batch, self.batched_buckets = batch, batched_buckets if batch > 1 else ()
-        self._batched: dict[int, jax.stages.Compiled] = {}
-        self._sample_rows: jax.stages.Compiled | None = None
+        # prefill[B, T] for the batch sizes B of each length bucket T in batched (run_batch); a prompt on its
+        # own runs prefill[T].
+        self.batched = dict(batched or {})
+        self._batched: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._sample_rows: dict[int, jax.stages.Compiled] = {}
         self._graphdef, self._state = graphdef, state
         self.kv_sharding = handoff_sharding(mesh, shape.num_kv_heads)
         self._compiled: dict[int, jax.stages.Compiled] = {}
-        self._sample = Sampler(mesh, shape.vocab_size, (1, batch) if self.batched_buckets else (1,))
+        self._sample = Sampler(mesh, shape.vocab_size, (1, *self._batch_sizes))
         self._chunked = chunked  # prompts longer than the largest bucket; None: the context fits one bucket
         self._suffix = suffix  # cuts the hand-off of a prompt with cached tokens; None: none are sent here
 
@@ -82,25 +82,31 @@ class PrefillReplica:
             programs += self._suffix.compile_tasks(str(self.index))
         return programs + self._batch_compile_tasks() + self._sample.compile_tasks(f"prefill {self.index}")
 
-    def _batch_compile_tasks(self) -> list[CompileTask]:
-        """prefill[batch, T] per batched bucket, and the program that cuts its sampled tokens into rows."""
-        if not self.batched_buckets:
-            return []
+    @property
+    def _batch_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({b for sizes in self.batched.values() for b in sizes}))
 
-        def task(length: int) -> Callable[[], None]:
+    def _batch_compile_tasks(self) -> list[CompileTask]:
+        """prefill[B, T] per batched shape, and per batch size the program that cuts its sampled tokens into
+        rows."""
+        def task(batch: int, length: int) -> Callable[[], None]:
             def run() -> None:
-                self._batched[length] = compile_prefill_batch(
-                    self._graphdef, self._state, self.mesh, self.batch, length, self.kv_sharding
+                self._batched[batch, length] = compile_prefill_batch(
+                    self._graphdef, self._state, self.mesh, batch, length, self.kv_sharding
                 )
 
             return run
 
-        def rows() -> None:
-            self._sample_rows = compile_sample_rows(self.batch, self.mesh)
+        def rows(batch: int) -> Callable[[], None]:
+            def run() -> None:
+                self._sample_rows[batch] = compile_sample_rows(batch, self.mesh)
 
-        name = f"prefill[{self.index}] batch {self.batch} len"
-        programs = [(f"{name} {n}", task(n)) for n in self.batched_buckets]
-        return programs + [(f"sample_rows[prefill {self.index}] batch {self.batch}", rows)]
+            return run
+
+        programs = [(f"prefill[{self.index}] batch {b} len {n}", task(b, n))
+                    for n, sizes in self.batched.items() for b in sizes]
+        cut = [(f"sample_rows[prefill {self.index}] batch {b}", rows(b)) for b in self._batch_sizes]
+        return programs + cut
 
     def run(
         self, token_ids: Sequence[int], sampling: SamplingRow, forced: int = -1
@@ -144,12 +150,13 @@ class PrefillReplica:
             if p.cached_tokens:
                 self._suffix.check(len(p.token_ids), p.cached_tokens)
         by_index = {}
-        for call in plan_prefill_calls(lengths, self.buckets, self.batched_buckets, self.batch):
-            if len(call) == 1:
-                p = prompts[call[0]]
-                by_index[call[0]] = self.run(p.token_ids, p.sampling, p.forced)
+        for call in plan_prefill_calls(lengths, self.buckets, self.batched):
+            if call.rows == 1:
+                p = prompts[call.prompts[0]]
+                by_index[call.prompts[0]] = self.run(p.token_ids, p.sampling, p.forced)
             else:
-                by_index.update(zip(call, self._run_batched([prompts[i] for i in call]), strict=True))
+                batch = [prompts[i] for i in call.prompts]
+                by_index.update(zip(call.prompts, self._run_batched(batch, call.rows), strict=True))
         for i, p in enumerate(prompts):
             if p.cached_tokens:
                 sampled, kv = by_index[i]
@@ -157,19 +164,20 @@ class PrefillReplica:
         return [by_index[i] for i in range(len(prompts))]
 
     def _run_batched(
-        self, prompts: Sequence[PromptInput]
+        self, prompts: Sequence[PromptInput], batch: int
     ) -> list[tuple[Sampled, tuple[jax.Array, jax.Array]]]:
         """One prefill[batch, T] call for up to ``batch`` prompts of bucket T at most; one sampler call."""
-        length = bucket_for(max(len(p.token_ids) for p in prompts), self.batched_buckets)
-        tokens = np.zeros((self.batch, length), np.int32)
-        lengths = np.ones((self.batch,), np.int32)  # padding rows: one token, never read
+        length = bucket_for(max(len(p.token_ids) for p in prompts), self.buckets)
+        tokens = np.zeros((batch, length), np.int32)
+        lengths = np.ones((batch,), np.int32)  # padding rows: one token, never read
         for row, p in enumerate(prompts):
             tokens[row, : len(p.token_ids)] = p.token_ids
             lengths[row] = len(p.token_ids)
-        logits, kvs = self._batched[length](self._state, _put(self.mesh, tokens), _put(self.mesh, lengths))
+        program = self._batched[batch, length]
+        logits, kvs = program(self._state, _put(self.mesh, tokens), _put(self.mesh, lengths))
         rows = [p.sampling for p in prompts]
         sampled = self._sample(logits, rows, lengths[: len(prompts)].tolist(), [p.forced for p in prompts])
-        return list(zip(self._sample_rows(sampled), kvs, strict=True))[: len(prompts)]
+        return list(zip(self._sample_rows[batch](sampled), kvs, strict=True))[: len(prompts)]
 
 
 def build_prefill_replica(
@@ -208,8 +216,7 @@ def build_prefill_replica(
         params,
         shape,
         sizes.prefill_buckets,
-        batch=sizes.max_prefill_batch,
-        batched_buckets=sizes.batched_prefill_buckets,
+        batched=sizes.batched_prefill,
         chunked=chunked,
         suffix=suffix,
     )

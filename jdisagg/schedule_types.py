@@ -15,7 +15,7 @@ class SchedulerConfig:
     max_batch: int  # rows per decode step
     max_context: int  # prompt + output tokens
     max_queue: int = 256  # waiting requests before ``add`` refuses
-    max_prefill_batch: int = 8  # prompts per prefill call
+    max_prefill_batch: int = 16  # prompts per prefill call
     prefill_token_budget: int = 2048  # prompt tokens per prefill call (a longer prompt runs alone)
     prefix_cache: bool = False  # reuse the KV of cached full pages on the decode replicas
     local_prefill_tokens: int = 0  # prefill on the decode replica when at most this many tokens are uncached

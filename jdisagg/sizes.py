@@ -31,7 +31,7 @@ class ServingSizes:
     max_batch: int  # sequences per decode replica and step
     max_context: int  # longest sequence (prompt + output)
     num_pages: int  # pages per decode replica, page 0 (scratch) included
-    max_prefill_batch: int = 8  # prompts per prefill call (``PrefillExecutor.run_batch``)
+    max_prefill_batch: int = 16  # prompts per prefill call (``PrefillExecutor.run_batch``)
     prefill_token_budget: int = 2048  # prompt tokens per prefill call; a longer prompt runs alone
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # a longer prompt is prefilled in chunks of this many tokens
     context_from_model: bool = False  # max_context was not given: the KV plan may lower it to what fits
@@ -68,13 +68,26 @@ class ServingSizes:
         return power_of_two_buckets(min(max(self.page_size, 16), self.chunk), self.chunk)
 
     @property
-    def batched_prefill_buckets(self) -> tuple[int, ...]:
-        """Prompt lengths that also get a ``prefill[max_prefill_batch, T]`` program: those whose full batch
-        fits the prefill token budget (none when ``max_prefill_batch`` is 1)."""
-        if self.max_prefill_batch < 2:
-            return ()
-        budget = self.prefill_token_budget
-        return tuple(t for t in self.prefill_buckets if self.max_prefill_batch * t <= budget)
+    def prefill_call_prompts(self) -> int:
+        """Most prompts in one prefill call: ``max_prefill_batch``, but no more than a decode step holds
+        (``max_batch``): prompts prefilled beyond that would only wait for a decode row."""
+        return max(1, min(self.max_prefill_batch, self.max_batch))
+
+    @property
+    def prefill_batch_sizes(self) -> tuple[int, ...]:
+        """Prompts per batched prefill call: ``prefill_call_prompts`` and half of it (at least 2), so a burst
+        of a quarter of it or more fills a call at least half (``buckets.plan_prefill_calls``) for two
+        programs per length. Empty when calls hold one prompt: every prompt runs on its own."""
+        top = self.prefill_call_prompts
+        return tuple(sorted({max(2, top // 2), top})) if top > 1 else ()
+
+    @property
+    def batched_prefill(self) -> dict[int, tuple[int, ...]]:
+        """The ``prefill[B, T]`` programs, as the batch sizes B per prompt-length bucket T: those whose B x T
+        fits the prefill token budget."""
+        shapes = {t: tuple(b for b in self.prefill_batch_sizes if b * t <= self.prefill_token_budget)
+                  for t in self.prefill_buckets}
+        return {t: sizes for t, sizes in shapes.items() if sizes}
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:

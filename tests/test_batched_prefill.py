@@ -1,8 +1,9 @@
 """Batched prefill: ``PrefillReplica.run_batch`` gives every prompt what ``run`` gives it alone.
 
-One TP2 prefill replica of the demo model with prompts of up to 32 tokens and batches of 4 (7 programs:
-prefill[16], prefill[32], prefill[4, 16], prefill[4, 32], sample[1], sample[4], sample_rows[4]), so a
-mixed list exercises full and padded batched calls and a prompt on its own.
+One TP2 prefill replica of the demo model with prompts of up to 32 tokens and batches of 2 and 4 (11
+programs: prefill[16], prefill[32], prefill[B, 16] and prefill[B, 32] for B in 2 and 4, sample[1, 2, 4],
+sample_rows[2, 4]), so a mixed list exercises full calls of both sizes and a padded one; compositions
+exercise prompts on their own.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from jdisagg.replicas import build_prefill_replica
 from jdisagg.sizes import plan_sizes
 
 BATCH = 4
-LENGTHS = [31, 3, 30, 12, 25, 20, 17, 16, 14, 9, 5, 2]  # buckets 16 and 32
+LENGTHS = [31, 3, 30, 12, 25, 20, 17, 16, 14, 9, 5, 2, 28]  # 6 in bucket 32, 7 in bucket 16
 ROWS = [
     SamplingRow(0.0, 0, 1.0, 0),  # greedy
     SamplingRow(0.8, 0, 1.0, 7),  # temperature
@@ -32,9 +33,8 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def replica():
-    sizes = plan_sizes(DEMO_CONFIG, page_size=16, max_batch=2, max_context=32, num_pages=None)
-    sizes = dataclasses.replace(sizes, max_prefill_batch=BATCH)
-    assert sizes.batched_prefill_buckets == (16, 32)
+    sizes = plan_sizes(DEMO_CONFIG, page_size=16, max_batch=BATCH, max_context=32, num_pages=None)
+    assert sizes.batched_prefill == {16: (2, 4), 32: (2, 4)}
     graphdef, state = nnx.split(load_demo_model())
     mesh = build_layout("2x1", "1x1").prefill.replicas[0]
     prefill = build_prefill_replica(0, mesh, graphdef, state, sizes)
@@ -59,8 +59,9 @@ def _host(result):
 
 def test_run_batch_equals_one_at_a_time(replica):
     prompts = _prompts()
-    calls = plan_prefill_calls(LENGTHS, replica.buckets, replica.batched_buckets, BATCH)
-    assert sorted(len(c) for c in calls) == [1, 3, 4, 4]  # three batched calls (one padded), one alone
+    calls = plan_prefill_calls(LENGTHS, replica.buckets, replica.batched)
+    # bucket 32: a full call of 4 and one of 2; bucket 16: a full call of 4 and 3 prompts padded to 4
+    assert sorted((c.rows, len(c.prompts)) for c in calls) == [(2, 2), (4, 3), (4, 4), (4, 4)]
 
     before = compile_count(), cache_hit_count()  # the suite's compile cache: a load is no compile
     batched = [_host(r) for r in replica.run_batch(prompts)]
@@ -96,27 +97,42 @@ def test_compile_count_flat_over_compositions(replica):
 
 
 def test_plan_groups_by_bucket_within_twice_the_work():
-    buckets, batched = (16, 32, 64, 128), (16, 32, 64)
-    # sixteen equal prompts: two full calls
-    assert plan_prefill_calls([64] * 16, buckets, batched, 8) == [list(range(8)), list(range(8, 16))]
-    # a long prompt does not drag short ones up to its bucket: it runs alone, they share a call
-    assert plan_prefill_calls([60] + [10] * 7, buckets, batched, 8) == [[0], list(range(1, 8))]
+    buckets = (16, 32, 64, 128, 256, 512)
+    batched = {16: (8, 16), 32: (8, 16), 64: (8, 16), 128: (8, 16), 256: (8,)}
+
+    def plan(lengths, batched=batched):
+        return [(c.rows, c.prompts) for c in plan_prefill_calls(lengths, buckets, batched)]
+
+    # equal prompts fill the largest calls; the rest takes the smallest size that holds it
+    assert plan([64] * 32) == [(16, list(range(16))), (16, list(range(16, 32)))]
+    assert plan([64] * 20) == [(16, list(range(16))), (8, list(range(16, 20)))]
+    assert plan([64] * 12) == [(16, list(range(12)))]
+    assert plan([64] * 5) == [(8, list(range(5)))]
     # a call at least half full is padded; a sparser one runs prompt by prompt
-    assert plan_prefill_calls([30] * 4, buckets, batched, 8) == [[0, 1, 2, 3]]
-    assert plan_prefill_calls([30] * 3, buckets, batched, 8) == [[0], [1], [2]]
+    assert plan([30] * 4) == [(8, [0, 1, 2, 3])]
+    assert plan([30] * 3) == [(1, [0]), (1, [1]), (1, [2])]
+    # a long prompt does not drag short ones up to its bucket: it runs alone, they share a call
+    assert plan([100] + [10] * 7) == [(1, [0]), (8, list(range(1, 8)))]
     # prompts share calls with their own bucket only, so each hand-off keeps its own length
-    assert plan_prefill_calls([20, 40, 20, 40, 20, 40, 20, 40], buckets, batched, 8) == [[1, 3, 5, 7],
-                                                                                          [0, 2, 4, 6]]
-    # no batched program for the bucket (over the token budget) or longer than every bucket: alone
-    assert plan_prefill_calls([100, 100], buckets, batched, 8) == [[0], [1]]
-    assert plan_prefill_calls([500, 5, 5], buckets, batched, 2) == [[0], [1, 2]]
+    assert plan([20, 40] * 4) == [(8, [1, 3, 5, 7]), (8, [0, 2, 4, 6])]
+    # a bucket whose 16-prompt call exceeds the token budget has only the smaller size
+    assert plan([200] * 10) == [(8, list(range(8))), (1, [8]), (1, [9])]
+    # no batched program for the bucket, or longer than every bucket: alone
+    assert plan([300, 300]) == [(1, [0]), (1, [1])]
+    assert plan([600, 5, 5], {16: (2,)}) == [(1, [0]), (2, [1, 2])]
     # batching off
-    assert plan_prefill_calls([5, 5, 5], buckets, (), 1) == [[0], [1], [2]]
-    assert plan_prefill_calls([], buckets, batched, 8) == []
+    assert plan([5, 5, 5], {}) == [(1, [0]), (1, [1]), (1, [2])]
+    assert plan([]) == []
 
 
-def test_batched_buckets_follow_the_token_budget():
-    sizes = plan_sizes(DEMO_CONFIG, page_size=16, max_batch=2, max_context=512, num_pages=None)
-    assert sizes.batched_prefill_buckets == tuple(t for t in sizes.prefill_buckets if t <= 256)
-    assert dataclasses.replace(sizes, prefill_token_budget=256).batched_prefill_buckets == (16, 32)
-    assert dataclasses.replace(sizes, max_prefill_batch=1).batched_prefill_buckets == ()
+def test_batched_shapes_follow_the_token_budget():
+    sizes = plan_sizes(DEMO_CONFIG, page_size=16, max_batch=16, max_context=512, num_pages=None)
+    assert sizes.max_prefill_batch == 16 and sizes.prefill_batch_sizes == (8, 16)
+    assert sizes.batched_prefill == {16: (8, 16), 32: (8, 16), 64: (8, 16), 128: (8, 16), 256: (8,)}
+    assert dataclasses.replace(sizes, prefill_token_budget=256).batched_prefill == {16: (8, 16), 32: (8,)}
+    assert dataclasses.replace(sizes, max_prefill_batch=3).prefill_batch_sizes == (2, 3)
+    assert dataclasses.replace(sizes, max_prefill_batch=2).prefill_batch_sizes == (2,)
+    assert dataclasses.replace(sizes, max_prefill_batch=1).batched_prefill == {}
+    # a call holds no more prompts than a decode step
+    assert dataclasses.replace(sizes, max_batch=8).prefill_batch_sizes == (4, 8)
+    assert dataclasses.replace(sizes, max_batch=1).batched_prefill == {}

@@ -397,7 +397,7 @@ def prefill_throughput(args) -> list[dict]:
     for _, compile_program in tasks:
         compile_program()
     print(f"prefill replica: {len(tasks)} programs compiled in {time.perf_counter() - start:.1f} s (batched: "
-          f"{sizes.max_prefill_batch} prompts at lengths {sizes.batched_prefill_buckets})")
+          f"prompts per call by length {sizes.batched_prefill})")
     greedy = SamplingRow(0.0, 0, 1.0, 0)
     inputs = [PromptInput(p, greedy) for p in batch_prompts]
 
