@@ -220,30 +220,34 @@ class Engine:
 
     def score_many(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
         """``score`` for many (prompt, continuation) pairs at once, batched like any other requests."""
-        streams = []
+        requests = []
         for prompt, continuation in pairs:
             forced = self._token_ids(continuation, "continuation")
             if not forced:
                 raise ValueError("continuation is empty")
             params = SamplingParams(max_tokens=len(forced), ignore_eos=True)
-            submit = lambda p=prompt, f=forced, s=params: self._submit(p, s, None, f)  # noqa: E731
-            streams.append(self._when_queue_has_room(submit))
-        return [s.result().logprobs for s in streams]
+            requests.append(self._request(prompt, params, None, forced))
+        self._queue_all(requests)
+        return [r.stream.result().logprobs for r in requests]
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
     ) -> list[Output]:
-        """Submit every prompt (waiting when the queue is full) and return their outputs in order."""
-        streams = [self._when_queue_has_room(lambda p=prompt: self.submit(p, params)) for prompt in prompts]
-        return [s.result() for s in streams]
+        """Submit every prompt (all validated first; waiting when the queue is full) and return their outputs
+        in order."""
+        requests = [self._request(prompt, params or SamplingParams(), None, []) for prompt in prompts]
+        self._queue_all(requests)
+        return [r.stream.result() for r in requests]
 
-    @staticmethod
-    def _when_queue_has_room(submit: Any) -> RequestStream:
-        while True:
+    def _queue_all(self, requests: Sequence[Request]) -> None:
+        """Queue ``requests`` in order, as many per scheduler decision as the queue holds (``add_many``: a
+        batch reaches prefill together), waiting while it is full."""
+        while requests:
             try:
-                return submit()
+                requests = requests[self._stages.call(self.scheduler.add_many, requests):]
             except QueueFullError:
                 time.sleep(IDLE_POLL_S)
+        self.metrics.queue_depth.labels("waiting").set(len(self.scheduler.waiting))
 
     def _token_ids(self, ids: Sequence[int], what: str) -> list[int]:
         ids = [int(t) for t in ids]
@@ -257,6 +261,15 @@ class Engine:
     def _submit(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None, forced: list[int]
     ) -> RequestStream:
+        request = self._request(prompt, params, request_id, forced)
+        self._stages.call(self.scheduler.add, request)
+        self.metrics.queue_depth.labels("waiting").set(len(self.scheduler.waiting))
+        return request.stream
+
+    def _request(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None, forced: list[int]
+    ) -> Request:
+        """A validated request, not yet queued (``ValueError`` names what is wrong)."""
         params.validate(self.config.vocab_size)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._token_ids(prompt, "prompt")
         if not ids:
@@ -270,11 +283,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         sampling = SamplingRow(params.temperature, params.top_k, params.top_p, seed, params.logprobs)
         stream = RequestStream(request_id, self.abort)
-        request = Request(request_id, ids, params, sampling, stream, RequestMetrics(arrival=time.monotonic()),
-                          forced_ids=forced)
-        self._stages.call(self.scheduler.add, request)
-        self.metrics.queue_depth.labels("waiting").set(len(self.scheduler.waiting))
-        return stream
+        return Request(request_id, ids, params, sampling, stream, RequestMetrics(arrival=time.monotonic()),
+                       forced_ids=forced)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request wherever it is; its pages are freed. False if it is not in flight."""

@@ -96,6 +96,19 @@ class Scheduler:
         self.live[request.id] = request
         self.waiting.append(request)
 
+    def add_many(self, requests: Sequence[Request]) -> int:
+        """Queue ``requests`` in order until the queue is full; how many were queued. Queued in one decision,
+        a batch reaches the next prefill call whole (as far as its limits allow), not split by how the
+        submitting thread and the prefill thread happened to interleave."""
+        for queued, request in enumerate(requests):
+            try:
+                self.add(request)
+            except QueueFullError:
+                if queued == 0:
+                    raise
+                return queued
+        return len(requests)
+
     def cancel(self, request: Request, reason: FinishReason) -> bool:
         """Mark ``request`` to end with ``reason``; a waiting one ends now. False if it was already ending."""
         if request.cancel is not None or request.stage is Stage.DONE:

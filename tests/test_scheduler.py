@@ -110,6 +110,17 @@ def test_a_prefill_call_holds_at_most_max_prefill_batch_prompts():
     assert s.next_prefill() == reqs[3:]
 
 
+def test_add_many_queues_in_order_until_the_queue_is_full_and_raises_only_when_none_fits():
+    s = _scheduler(pages=(99,), max_queue=3)
+    reqs = [_request(2) for _ in range(5)]
+    assert s.add_many(reqs) == 3
+    assert list(s.waiting) == reqs[:3]
+    with pytest.raises(QueueFullError):
+        s.add_many(reqs[3:])
+    assert s.next_prefill() == reqs[:3]  # queued in one decision: one prefill call takes them together
+    assert s.add_many(reqs[3:]) == 2 and list(s.waiting) == reqs[3:]
+
+
 def test_a_prefill_call_stays_under_the_token_budget_and_a_long_prompt_runs_alone():
     s = _scheduler(pages=(99,), prefill_token_budget=10)
     long, a, b, c = _request(30), _request(4), _request(4), _request(4)
