@@ -1,5 +1,6 @@
-"""The test suite's compile cache, shared across devices: a program compiled for CPU devices 0-1 is loaded,
-not compiled again, for devices 2-3.
+"""How the test suite compiles: fast, and once. Its compile cache is shared across devices (a program
+compiled for CPU devices 0-1 is loaded, not compiled again, for devices 2-3), and XLA's CPU backend skips
+its costly code generation (``compile_fast``).
 
 JAX keys its persistent cache on the program *and* the devices it was compiled for, except on GPU, where
 it keys on the device count only and loads the executable onto the devices asked for. On CPU the second of
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
 import sys
 
 _MODULE = "jax._src.cache_key"
@@ -77,4 +79,21 @@ def share_across_devices() -> None:
         sys.meta_path.insert(0, _PatchOnImport())
 
 
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def compile_fast() -> None:
+    """Compile the suite's programs with LLVM at -O0 and XLA's classic CPU fusion emitter.
+
+    The suite compiles hundreds of programs for a model that runs in milliseconds, so its time is code
+    generation. Both flags act after XLA's HLO passes, which (fusion decisions included) are unchanged, so
+    the tests run the same programs, only less optimised machine code: an engine's ~40 programs compile in
+    7-9 s instead of 20-27 s. The benchmarks in tools/ do not come here and keep XLA's defaults. Flags
+    already in ``XLA_FLAGS`` are kept.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in TEST_XLA_FLAGS if f not in flags])
+
+
 share_across_devices()
+compile_fast()
