@@ -11,7 +11,7 @@ in this process through ``enable_compile_cache``, in subprocesses through ``XDG_
 ``--compile-cache``. The cache is keyed without the devices a program was compiled for
 (tests/shared_compile_cache/sitecustomize.py, put on every subprocess's ``PYTHONPATH``): the second decode
 replica, the same engine on other devices, or a worker process with one device, loads what the first
-compiled.
+compiled. The same module sets test-only XLA flags that make CPU code generation cheap (``compile_fast``).
 
 The page-leak check is the invariant docs/architecture.md promises: whenever an engine is idle, no KV page
 is in use. Every ``Engine`` built in this process is recorded (module-scoped ones included), and so is every

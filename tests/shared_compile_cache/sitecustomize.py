@@ -88,7 +88,7 @@ def compile_fast() -> None:
     The suite compiles hundreds of programs for a model that runs in milliseconds, so its time is code
     generation. Both flags act after XLA's HLO passes, which (fusion decisions included) are unchanged, so
     the tests run the same programs, only less optimised machine code: an engine's ~40 programs compile in
-    7-9 s instead of 20-27 s. The benchmarks in tools/ do not come here and keep XLA's defaults. Flags
+    7-8.5 s instead of 20-27 s. The benchmarks in tools/ do not come here and keep XLA's defaults. Flags
     already in ``XLA_FLAGS`` are kept.
     """
     flags = os.environ.get("XLA_FLAGS", "").split()
