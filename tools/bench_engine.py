@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -308,7 +309,8 @@ def report(results: list[Result], *, greedy: bool) -> list[dict]:
 
 def sampling_share(args) -> list[dict]:
     """Time the sample program alone against one decode forward of the same batch (dense cache at the
-    workload's context), each compiled on its own and timed as the median of repeated calls.
+    workload's context), each compiled on its own as the engine compiles them, and each timed two ways (see
+    ``timed``): waited for call by call, and dispatched back to back as the overlapped decode loop runs.
 
     ``--logits flat`` samples the forward's own logits: random weights make them nearly flat, the worst case
     for a nucleus (it holds most of the vocabulary). ``peaked`` stands in for a trained model: per row a
@@ -317,7 +319,8 @@ def sampling_share(args) -> list[dict]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jdisagg.sampling import sample_tokens
+    from jdisagg.sampler import branches_on_host_by_default
+    from jdisagg.sampling import branches_for, sample_tokens
 
     config = dataclasses.replace(model_config(args.config, args.dtype), vocab_size=args.vocab)
     graphdef, state = nnx.split(random_model(config, seed=0))
@@ -338,37 +341,62 @@ def sampling_share(args) -> list[dict]:
 
         return nnx.merge(graphdef, state).decode(tokens, positions, caches, attend)[0]
 
-    def timed(fn, *fn_args) -> float:
+    def timed(fn, *fn_args) -> tuple[float, float]:
+        """(synchronous, pipelined) seconds per call. Synchronous: median of calls each waited for, so it
+        holds a dispatch and a host round trip. Pipelined: calls dispatched back to back and waited for
+        once, as the engine's overlapped loop runs the sampler behind the forward; on an accelerator that
+        is the program's device time (or the host's dispatch time, if that is longer)."""
         jax.block_until_ready(fn(*fn_args))
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             jax.block_until_ready(fn(*fn_args))
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        calls = 5 * args.repeats
+        start = time.perf_counter()
+        for _ in range(calls):
+            result = fn(*fn_args)
+        jax.block_until_ready(result)
+        return statistics.median(times), (time.perf_counter() - start) / calls
 
     tokens = jnp.ones(batch, jnp.int32)
     positions = jnp.full(batch, context - 1, jnp.int32)
     logits = forward(state, caches, tokens, positions)
-    step_s = timed(forward, state, caches, tokens, positions)
-    sample = jax.jit(sample_tokens)
+    step_s, step_piped = timed(forward, state, caches, tokens, positions)
+    # The one program with lax.conds, and where the engine would also run them (a GPU) or when asked, the
+    # cond-free program of each mode's branches (jdisagg.sampler).
+    host_branches = args.host_branches or branches_on_host_by_default(jax.devices()[0].platform)
     modes = {"greedy": (0.0, 0, 1.0), "temperature 0.8": (0.8, 0, 1.0), "top-p 0.9": (0.8, 0, 0.9),
              "top-k 50": (0.8, 50, 1.0), "top-k 50 + top-p 0.9": (0.8, 50, 0.9)}
-    print(f"decode forward, batch {batch}, vocab {args.vocab}, context {context}: {1e3 * step_s:.2f} ms")
+    print(f"decode forward, batch {batch}, vocab {args.vocab}, context {context}: {1e3 * step_s:.2f} ms "
+          f"synchronous, {1e3 * step_piped:.2f} ms pipelined")
     rng = np.random.default_rng(0)
     ranks = np.stack([rng.permutation(args.vocab) for _ in range(batch)]) + 1
     kinds = {"flat": logits, "peaked": jnp.asarray(-1.5 * np.log(ranks), jnp.float32)}
     out = []
     for kind in args.logits.split(","):
         for name, (temperature, top_k, top_p) in modes.items():
-            sampled_s = timed(sample, kinds[kind].astype(jnp.float32), jnp.full(batch, temperature),
-                              jnp.full(batch, top_k, jnp.int32), jnp.full(batch, top_p),
-                              jnp.arange(batch, dtype=jnp.uint32), positions + 1,
-                              jnp.full(batch, -1, jnp.int32), jnp.zeros(batch, jnp.int32))
-            share = sampled_s / (step_s + sampled_s)
-            print(f"  {kind:6} sample {name:20} {1e3 * sampled_s:8.2f} ms = {100 * share:5.1f}% of the step")
-            out.append({"logits": kind, "mode": name, "sample_ms": 1e3 * sampled_s,
-                        "forward_ms": 1e3 * step_s, "share": share})
+            rows = (np.full(batch, temperature, np.float32), np.full(batch, top_k, np.int32),
+                    np.full(batch, top_p, np.float32), np.full(batch, -1, np.int32),
+                    np.zeros(batch, np.int32))  # temperature, top_k, top_p, forced, num_top
+            programs = {"conds": None}
+            if host_branches:
+                programs["host-picked"] = branches_for(*rows, vocab_size=args.vocab)
+            for program, branches in programs.items():
+                sample = jax.jit(functools.partial(sample_tokens, branches=branches))
+                sampled_s, sampled_piped = timed(
+                    sample, kinds[kind].astype(jnp.float32), jnp.asarray(rows[0]), jnp.asarray(rows[1]),
+                    jnp.asarray(rows[2]), jnp.arange(batch, dtype=jnp.uint32), positions + 1,
+                    jnp.asarray(rows[3]), jnp.asarray(rows[4]))
+                share = sampled_s / (step_s + sampled_s)
+                piped_share = sampled_piped / (step_piped + sampled_piped)
+                print(f"  {kind:6} {program:11} {name:20} synchronous {1e3 * sampled_s:6.2f} ms = "
+                      f"{100 * share:5.1f}%, pipelined {1e3 * sampled_piped:6.3f} ms = "
+                      f"{100 * piped_share:5.1f}%")
+                out.append({"logits": kind, "program": program, "mode": name, "sample_ms": 1e3 * sampled_s,
+                            "forward_ms": 1e3 * step_s, "share": share,
+                            "sample_pipelined_ms": 1e3 * sampled_piped,
+                            "forward_pipelined_ms": 1e3 * step_piped, "pipelined_share": piped_share})
     return out
 
 
@@ -484,9 +512,10 @@ def host_overhead(args) -> list[dict]:
     module = load_demo_model()
     sizes = plan_sizes(module.config, page_size=16, max_batch=args.batch, max_context=args.context,
                        num_pages=None)
-    mesh = build_layout("1x1", "1x1").decode.replicas[0]
+    colocate = jax.device_count() < 2  # one accelerator: prefill and decode share it
+    mesh = build_layout("1x1", "1x1", colocate=colocate).decode.replicas[0]
     graphdef, state = nnx.split(fuse_projections(module))  # the projections as the engine serves them
-    replica = build_decode_replica(0, mesh, graphdef, state, sizes, None)
+    replica = build_decode_replica(0, mesh, graphdef, state, sizes, args.attention_backend)
     for _, compile_program in replica.compile_tasks():
         compile_program()
     start_at = args.prompt_len
@@ -512,12 +541,21 @@ def host_overhead(args) -> list[dict]:
     prompt_ids = prompts(args.batch, args.prompt_len, 256)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     with Engine(prefill_mesh="1x1", decode_mesh="1x1", max_batch=args.batch, max_context=args.context,
-                progress=False) as engine:
+                colocate=colocate, attention_backend=args.attention_backend, progress=False) as engine:
         engine.generate(prompt_ids[:1], dataclasses.replace(params, max_tokens=2))
+        if args.profile_host:
+            from host_profile import ThreadSampler  # tools/, beside this script
+
+            profiler = ThreadSampler()
+            profiler.start()
         outputs = engine.generate(prompt_ids, params)
     tpot = statistics.mean(o.metrics.tpot for o in outputs)
     print(f"batch {args.batch}: device step {1e3 * device_step:.2f} ms, engine TPOT {1e3 * tpot:.2f} ms "
           f"({tpot / device_step:.3f}x the device step) on {jax.devices()[0].device_kind}")
+    if args.profile_host:
+        profiler.stop()
+        print("where the stage threads spent the measured generate (stack samples):")
+        print(profiler.report([name for name in profiler.samples if name.startswith("decode")]))
     return [{"batch": args.batch, "device_step_ms": 1e3 * device_step, "engine_tpot_ms": 1e3 * tpot,
              "ratio": tpot / device_step}]
 
@@ -584,8 +622,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers (e.g. on a GPU without torch)")
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="a persistent compile cache: engines after the first load their shared programs")
-    p.add_argument("--attention-backend", default=None,
-                   help="the Engine's paged-attention backend (default: by platform; 'reference' is XLA)")
     p.add_argument("--separate-projections", action="store_true",
                    help="the plain loop runs q/k/v and gate/up as separate matmuls (default: fused)")
     c = sub.add_parser("context", help="decode throughput against max_context, same workload")
@@ -602,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--repeats", type=int, default=10)
     m.add_argument("--logits", default="flat,peaked", type=logit_kinds,
                    help="comma-separated: flat (the random model's own), peaked (Zipf, like a trained model)")
+    m.add_argument("--host-branches", action="store_true",
+                   help="also time the cond-free programs of each mode (the default on a GPU, as the engine)")
     f = sub.add_parser("prefill", help="prefill throughput: HF vs run_batch vs one prompt at a time")
     f.add_argument("--config", choices=sorted(CONFIGS), default="llama-124m")
     f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -614,6 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--prompt-len", type=int, default=32)
     h.add_argument("--output-len", type=int, default=128)
     h.add_argument("--context", type=int, default=256)
+    h.add_argument("--profile-host", action="store_true",
+                   help="also sample the decode threads' stacks in the measured run (tools/host_profile.py)")
+    for sp in (p, h):
+        sp.add_argument("--attention-backend", default=None,
+                        help="the Engine's paged-attention backend (default: by platform; 'reference': XLA)")
     for sp in (p, c, m, f, h):
         sp.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)

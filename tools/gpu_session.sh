@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Every measurement this project wants from a lent GPU, in one call of about nine minutes:
+# Every measurement this project wants from a lent GPU, as steps of a few minutes each:
 #   1. the paged-attention kernels: ours vs JAX's bundled Pallas kernel vs the XLA gather, as KV bandwidth
 #      against the measured copy bandwidth (tools/bench_kernels.py);
-#   2. the Engine against the plain jitted JAX loop at Llama-3-8B shape, random bf16 weights, batch 1 and 16
-#      (tools/bench_engine.py peers; HF is left out: 16 GB of safetensors to write first);
-#   3. the sampler's share of an 8B decode step at vocab 128,256;
-#   4. the 8B decode step's HLO on the GPU pipeline and its time with fused vs separate projections
-#      against the bandwidth floor (tools/inspect_hlo.py --time).
-# Each step has its own time limit, so a hang costs only its share; logs and JSON land in $OUT (the device
-# tool's folder that comes back) or ./gpu-out. STEPS picks steps (default: all four, in the order
-# "kernels hlo peers sampling"; a session that measured the kernels already can drop them). CONFIG and
-# KERNEL_SHAPES shrink it for a CPU smoke run:
+#   2. the 8B decode step's HLO on the GPU pipeline and its time with fused vs separate projections
+#      against the bandwidth floor (tools/inspect_hlo.py --time);
+#   3. the sampler's share of an 8B decode step at vocab 128,256, waited for call by call and pipelined;
+#   4. the engine's TPOT against the device step on the demo model at batch 8 (what the host adds), with
+#      a stack-sampled profile of the decode thread (tools/host_profile.py);
+#   5. the Engine against the plain jitted JAX loop at Llama-3-8B shape, random bf16 weights, batch 1 and 16
+#      (tools/bench_engine.py peers; HF is left out: 16 GB of safetensors to write first).
+# On the H200 (2026-11-27) steps 3-5 took 115, 97 and 253 s: all five need more than one device call's 10
+# minutes, so pick them with STEPS (default: all, in the order above), e.g. STEPS="sampling overhead
+# peers" in one call. Each step has its own time limit, so a hang costs only its share; logs and JSON land
+# in $OUT (the device tool's folder that comes back) or ./gpu-out. CONFIG and KERNEL_SHAPES shrink it for
+# a CPU smoke run:
 #   CONFIG=llama-124m KERNEL_SHAPES=small OUT=/tmp/gpu-out bash tools/gpu_session.sh
 set -u
 out=${OUT:-gpu-out}
@@ -25,7 +28,7 @@ site=$(mktemp -d)
 cp -r jdisagg "$site/jdisagg" && cp -r kernels "$site/jdisagg/kernels" && cp -r meshes "$site/jdisagg/meshes"
 export PYTHONPATH="$site"
 
-steps=" ${STEPS:-kernels hlo peers sampling} "
+steps=" ${STEPS:-kernels hlo sampling overhead peers} "
 
 step() {
     local name=$1 limit=$2 start=$SECONDS rc
@@ -48,7 +51,9 @@ if grep -q "^ours\[gpu\] .*failed" "$out/kernels.log" 2>/dev/null; then
     echo "our GPU kernel failed in the kernel benchmark: the engine runs the XLA reference attention"
 fi
 step hlo 150 $py tools/inspect_hlo.py --config "$config" --dtype bfloat16 --time --json "$out/hlo.json"
+step sampling 170 $py tools/bench_engine.py sampling --config "$config" --dtype bfloat16 --batch 16 \
+    --json "$out/sampling.json"
+step overhead 150 $py tools/bench_engine.py overhead --batch 8 --profile-host "${backend[@]}" \
+    --json "$out/overhead.json"
 step peers 330 $py tools/bench_engine.py peers --config "$config" --dtype bfloat16 --batch 1,16 --no-hf \
     --compile-cache "$(mktemp -d)" "${backend[@]}" --json "$out/peers.json"
-step sampling 50 $py tools/bench_engine.py sampling --config "$config" --dtype bfloat16 --batch 16 \
-    --json "$out/sampling.json"
