@@ -51,7 +51,7 @@ from jdisagg.kv_cache import KVPools
 from jdisagg.kv_manager import SCRATCH_PAGE
 from jdisagg.meshes import TP_AXIS
 from jdisagg.models.chunk_attention import chunk_attention, paged_chunk_attention
-from jdisagg.sampling import sample_tokens
+from jdisagg.sampling import SampleBranches, sample_tokens
 from jdisagg.sampling_params import TOP_LOGPROBS
 
 P = PartitionSpec
@@ -194,6 +194,30 @@ def decode_fn(
     return logits.astype(jnp.float32), pools
 
 
+def packed_decode_fn(
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    page_size: int,
+    stored_heads: int,
+    scale: float,
+    backend: str | None,
+    state: Any,
+    pools: KVPools,
+    tokens: jax.Array,
+    step_inputs: jax.Array,
+) -> tuple[jax.Array, KVPools, jax.Array]:
+    """``decode_fn`` with its per-step host inputs in one array, ``step_inputs`` ``[B, 1 + W]`` int32:
+    column 0 each row's position, the rest its page table. A step then costs one host-to-device copy, not
+    one per input: on a GPU each ``jax.device_put`` of a host array is a staged copy the decode thread
+    waits for. Also returns ``positions + 1``, the positions the sampler seeds its rows with, so sampling
+    needs no upload of its own."""
+    positions, page_table = step_inputs[:, 0], step_inputs[:, 1:]
+    logits, pools = decode_fn(
+        graphdef, mesh, page_size, stored_heads, scale, backend, state, pools, tokens, positions, page_table
+    )
+    return logits, pools, positions + 1
+
+
 def _local_attend(
     mesh: Mesh, page_size: int, stored_heads: int, pages_per_block: int, page_table: jax.Array,
     starts: jax.Array, lengths: jax.Array,
@@ -297,9 +321,13 @@ def _spec(shape: tuple[int, ...], dtype: Any, mesh: Mesh) -> jax.ShapeDtypeStruc
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
 
 
-def compile_sample(batch: int, vocab: int, mesh: Mesh) -> jax.stages.Compiled:
+def compile_sample(
+    batch: int, vocab: int, mesh: Mesh, branches: SampleBranches | None = None
+) -> jax.stages.Compiled:
     """The sampler as a program of its own, compiled per batch bucket only: prefill and decode hand it their
-    logits on device, so it is not compiled again into every (batch, page-table width) decode program."""
+    logits on device, so it is not compiled again into every (batch, page-table width) decode program.
+    ``branches``: built for batches that need exactly those parts, with no ``lax.cond`` (``SampleBranches``);
+    None: one program for every batch."""
     specs = (
         _spec((batch, vocab), jnp.float32, mesh),  # logits
         _spec((batch,), jnp.float32, mesh),  # temperature
@@ -310,7 +338,15 @@ def compile_sample(batch: int, vocab: int, mesh: Mesh) -> jax.stages.Compiled:
         _spec((batch,), jnp.int32, mesh),  # forced
         _spec((batch,), jnp.int32, mesh),  # num_top
     )
-    return jax.jit(sample_tokens, out_shardings=NamedSharding(mesh, P())).lower(*specs).compile()
+    return jax.jit(_sample_fn(branches), out_shardings=NamedSharding(mesh, P())).lower(*specs).compile()
+
+
+@functools.cache
+def _sample_fn(branches: SampleBranches | None) -> Callable[..., Sampled]:
+    """One function object per ``branches``: JAX keys its in-memory trace and compile caches on the
+    function, so replicas on the same devices (a colocated engine's prefill and decode) share one
+    compiled sample program per batch instead of compiling it again."""
+    return functools.partial(sample_tokens, branches=branches)
 
 
 def compile_prefill(
@@ -462,16 +498,15 @@ def compile_decode(
 ) -> jax.stages.Compiled:
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
-        functools.partial(decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
-        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools]),
+        functools.partial(packed_decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
+        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools], replicated),
         donate_argnums=(1,),
     )
     lowered = fn.lower(
         _abstract(state),
         _abstract(pools),
-        _spec((batch,), jnp.int32, mesh),
-        _spec((batch,), jnp.int32, mesh),
-        _spec((batch, table_width), jnp.int32, mesh),
+        _spec((batch,), jnp.int32, mesh),  # tokens
+        _spec((batch, 1 + table_width), jnp.int32, mesh),  # positions | page table
     )
     return _compile(lowered, mesh, rows=batch)
 

@@ -40,6 +40,14 @@ __all__ = [
 ]
 
 
+def _start_host_copies(sampled: Sampled) -> None:
+    """Queue the device-to-host copies of a dispatched step's outputs behind it, so they have landed by
+    the time the host reads them one step later; read one by one on demand, each is a blocking round trip
+    of its own (on the H200 the reads were a third of the decode thread's time at batch 8)."""
+    for array in sampled:
+        array.copy_to_host_async()
+
+
 @dataclass(frozen=True)
 class InFlightStep:
     """A dispatched decode step: its sampled rows, still on device (the first ``rows`` are real)."""
@@ -47,8 +55,11 @@ class InFlightStep:
     rows: int
     sampled: Sampled
 
+    def __post_init__(self) -> None:
+        _start_host_copies(self.sampled)
+
     def host(self) -> Sampled:
-        return Sampled(*(np.asarray(x)[: self.rows] for x in self.sampled))
+        return Sampled(*(x[: self.rows] for x in jax.device_get(self.sampled)))
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,12 @@ class InFlightChunks:
 
     calls: list[tuple[list[int], Sampled]]
 
+    def __post_init__(self) -> None:
+        for _, sampled in self.calls:
+            _start_host_copies(sampled)
+
     def host(self) -> Sampled:
-        rows = [[np.asarray(x)[: len(indices)] for x in sampled] for indices, sampled in self.calls]
+        rows = [[x[: len(indices)] for x in jax.device_get(sampled)] for indices, sampled in self.calls]
         order = np.argsort(np.concatenate([indices for indices, _ in self.calls]))
         return Sampled(*(np.concatenate(column)[order] for column in zip(*rows, strict=True)))
 
@@ -216,21 +231,21 @@ class DecodeReplica:
         n = len(positions)
         batch = bucket_for(n, self.batch_buckets)
         width = bucket_for(max(len(p) for p in pages), self.page_buckets)
-        pos = np.zeros((batch,), np.int32)
-        table = np.full((batch, width), SCRATCH_PAGE, np.int32)
-        pos[:n] = positions
+        step_inputs = np.full((batch, 1 + width), SCRATCH_PAGE, np.int32)  # positions | page table
+        step_inputs[:, 0] = 0  # padding rows: position 0, every page the scratch page
+        step_inputs[:n, 0] = positions
         for row, seq_pages in enumerate(pages):
-            table[row, : len(seq_pages)] = seq_pages
+            step_inputs[row, 1 : 1 + len(seq_pages)] = seq_pages
         if isinstance(tokens, InFlightStep):
             tok = tokens.sampled.tokens
         else:
             tok = np.zeros((batch,), np.int32)
             tok[:n] = tokens
             tok = _put(self.mesh, tok)
-        logits, self.pools = self._decode[batch, width](
-            self._state, self.pools, tok, _put(self.mesh, pos), _put(self.mesh, table)
+        logits, self.pools, next_positions = self._decode[batch, width](
+            self._state, self.pools, tok, _put(self.mesh, step_inputs)
         )
-        return InFlightStep(n, self._sample(logits, sampling, [p + 1 for p in positions], forced))
+        return InFlightStep(n, self._sample(logits, sampling, next_positions, forced))
 
     @staticmethod
     def collect(handle: InFlightStep | InFlightChunks) -> Sampled:

@@ -4,7 +4,8 @@ Sampling runs on device as part of prefill and decode, so only a few numbers per
 each step. It costs what the batch asks for, never sorts the vocabulary and runs no data-dependent loop (on a
 GPU every iteration of one would wait for the host to read its predicate):
 
-- a batch of greedy rows is one ``argmax`` (the random path is skipped with ``lax.cond``);
+- a batch of greedy rows is one ``argmax`` (the random path is skipped with ``lax.cond``, or, where the
+  host picked the branches beforehand (``SampleBranches``), left out of the program);
 - temperature alone is inverse-CDF sampling over the vocabulary in token-id order, two-level (block sums,
   then one block) so no full-length scan runs;
 - top-k / top-p only move a per-row *threshold*: the row keeps every token whose logit is at least the
@@ -30,13 +31,56 @@ whatever else is in its batch, and a preempted sequence recomputed later continu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdisagg.executors import Sampled
 from jdisagg.sampling_params import TOP_LOGPROBS
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows the logits)
+
+
+class SampleBranches(NamedTuple):
+    """Which of ``sample_tokens``' optional parts a batch needs, read off its rows on the host
+    (``branches_for``). Given to ``sample_tokens``, the program holds those parts and no ``lax.cond``: on
+    a GPU a cond copies its predicate to the host and waits for it (XLA's conditional thunk blocks the
+    thread that launches the program until the device has caught up), so the host's dispatch of a sample
+    program would wait for the decode step queued before it, and the decode loop would lose its overlap.
+    The outputs are the same bits as the cond program's: each part left in computes what its cond's true
+    branch would, and rows that do not ask for a part pass through it unchanged."""
+
+    sample: bool  # some row samples: temperature at least GREEDY_BELOW and not forced
+    top_k: bool  # the batch samples and some row has a top-k below the vocabulary
+    top_p: bool  # the batch samples and some row has a top-p below 1
+    top_logprobs: bool  # some row asked for its most likely alternatives
+
+
+def branches_for(
+    temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, forced: np.ndarray, num_top: np.ndarray,
+    vocab_size: int,
+) -> SampleBranches:
+    """The branches ``sample_tokens``' conds would take for these per-row inputs (the float32 / int32 host
+    arrays uploaded for them, so the comparisons round as the device's do)."""
+    sample = bool(np.any((temperature >= np.float32(GREEDY_BELOW)) & (forced < 0)))
+    return SampleBranches(
+        sample,
+        sample and bool(np.any((top_k > 0) & (top_k < vocab_size))),
+        sample and bool(np.any(top_p < np.float32(1.0))),
+        bool(np.any(num_top > 0)),
+    )
+
+
+def _branch(taken: bool | None, predicate: jax.Array, if_true, if_false):
+    """``lax.cond`` on the device's ``predicate``, or, when the host knows the branch (``taken``), only
+    that branch in the program."""
+    if taken is None:
+        return jax.lax.cond(predicate, if_true, if_false)
+    return if_true() if taken else if_false()
+
+
 _BLOCK = 256  # inverse-CDF block length
 
 
@@ -49,18 +93,23 @@ def sample_tokens(
     positions: jax.Array,  # [B] int32, the position the sampled token will take
     forced: jax.Array,  # [B] int32; >= 0 takes that token instead of sampling (teacher forcing, scoring)
     num_top: jax.Array,  # [B] int32; > 0: return the most likely alternatives of this row's token
+    branches: SampleBranches | None = None,
 ) -> Sampled:
     """One token per row, its log-probability under the model, and (when asked) the top alternatives.
 
     Log-probabilities are of the unscaled model distribution (temperature and filters are how we pick, not
     what the model says), so forced tokens give exactly the model's likelihood of a given continuation.
+    ``branches`` (static): the optional parts this batch needs, picked on the host; None: ``lax.cond``
+    picks them on device, so one program serves every batch.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = temperature >= GREEDY_BELOW
-    sampled = jax.lax.cond(
+    sampled = _branch(
+        None if branches is None else branches.sample,
         jnp.any(sampling & (forced < 0)),
-        lambda: _sample(logits, temperature, top_k, top_p, seeds, positions),
+        lambda: _sample(logits, temperature, top_k, top_p, seeds, positions,
+                        None if branches is None else (branches.top_k, branches.top_p)),
         lambda: greedy,
     )
     tokens = jnp.where(forced >= 0, forced, jnp.where(sampling, sampled, greedy))
@@ -73,7 +122,8 @@ def sample_tokens(
         return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(values - normalizer[:, None], pad)
 
     batch = logits.shape[0]
-    top_ids, top_lps = jax.lax.cond(
+    top_ids, top_lps = _branch(
+        None if branches is None else branches.top_logprobs,
         jnp.any(num_top > 0),
         top_alternatives,
         lambda: (jnp.zeros((batch, TOP_LOGPROBS), jnp.int32), jnp.zeros((batch, TOP_LOGPROBS), jnp.float32)),
@@ -88,32 +138,40 @@ def _sample(
     top_p: jax.Array,
     seeds: jax.Array,
     positions: jax.Array,
+    filters: tuple[bool, bool] | None,
 ) -> jax.Array:
     scaled = logits / jnp.maximum(temperature, GREEDY_BELOW)[:, None]
     weights = jnp.exp(scaled - scaled.max(-1, keepdims=True))
     top_k = jnp.where(top_k >= logits.shape[-1], 0, top_k)  # keeping the whole vocabulary is no filter
-    weights = jax.lax.cond(
+    weights = _branch(
+        None if filters is None else any(filters),
         jnp.any((top_k > 0) | (top_p < 1.0)),
-        lambda: _filter_weights(logits, weights, top_k, top_p),
+        lambda: _filter_weights(logits, weights, top_k, top_p, filters),
         lambda: weights,
     )
     uniform = jax.vmap(lambda s, p: jax.random.uniform(jax.random.fold_in(jax.random.key(s), p)))
     return _inverse_cdf(weights, uniform(seeds, positions))
 
 
-def _filter_weights(logits: jax.Array, weights: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def _filter_weights(
+    logits: jax.Array, weights: jax.Array, top_k: jax.Array, top_p: jax.Array,
+    on_host: tuple[bool, bool] | None = None,
+) -> jax.Array:
     """``weights`` (the unnormalised probabilities of ``logits``' rows) with every token outside the row's
     filters zeroed: the top-k set first (``top_k`` 0: off), then the smallest head of what is left that holds
-    ``top_p`` of its mass (1: off). Each search runs only when some row of the batch asks for it."""
+    ``top_p`` of its mass (1: off). Each search runs only when some row of the batch asks for it, decided on
+    device, or on the host (``on_host``: whether to run the top-k and the top-p search)."""
     keys = _order_keys(logits)
     keep_all = jnp.zeros(keys.shape[:1], jnp.uint32)  # the smallest key
-    k_key = jax.lax.cond(
+    k_key = _branch(
+        None if on_host is None else on_host[0],
         jnp.any(top_k > 0),
         lambda: jnp.where(top_k > 0, _kth_largest_keys(logits, keys, top_k), 0),
         lambda: keep_all,
     )
     weights = jnp.where(keys >= k_key[:, None], weights, 0.0)
-    p_key = jax.lax.cond(
+    p_key = _branch(
+        None if on_host is None else on_host[1],
         jnp.any(top_p < 1.0),
         lambda: jnp.where(top_p < 1.0, _select(keys, weights, top_p * weights.sum(-1)), 0),
         lambda: keep_all,

@@ -11,17 +11,24 @@ as a loop on CPU but unrolled elsewhere (``_comparisons_unrolled``, checked here
 threshold is shared, so the large-vocabulary cases check that all find the sort-based filtered set.
 """
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jdisagg.executors import Sampled, SamplingRow
+from jdisagg.sampler import PICKED_ON_HOST, Sampler
 from jdisagg.sampling import (
+    SampleBranches,
     _comparisons_unrolled,
     _filter_weights,
     _order_keys,
     _select_by_comparisons,
     _select_by_histograms,
+    branches_for,
     sample_tokens,
 )
 
@@ -243,3 +250,109 @@ def test_top_p_at_the_float_limit_drops_only_negligible_mass():
         probs /= probs.sum()
         differ = kept[row] != _sort_based_kept(logits.astype(np.float32), 0, top_p)
         assert probs[differ].sum() < 1e-6 and probs[~kept[row]].sum() < 1e-6
+
+
+# Batches for the cond-free programs: (temperature, top_k, top_p, forced, num_top) per row, on a vocabulary
+# of 300 (large enough that top-k 299 is a filter and 300 is none).
+BRANCH_VOCAB = 300
+BRANCH_BATCHES = {
+    "greedy": [(0.0, 0, 1.0, -1, 0)] * 3,
+    "greedy, one forced": [(0.0, 0, 1.0, -1, 0), (0.0, 0, 1.0, 5, 0)],
+    "sampled but forced": [(0.8, 40, 0.9, 7, 0), (0.0, 0, 1.0, -1, 0)],
+    "temperature": [(0.7, 0, 1.0, -1, 0), (0.0, 0, 1.0, -1, 0), (1.0e-5, 0, 1.0, -1, 0)],
+    "top-k of the whole vocabulary is no filter": [(0.9, BRANCH_VOCAB, 1.0, -1, 0), (1.2, 0, 1.0, -1, 0)],
+    "top-k": [(0.9, 20, 1.0, -1, 0), (1.2, 0, 1.0, -1, 0), (0.0, 0, 1.0, -1, 0)],
+    "top-p": [(0.9, 0, 0.8, -1, 0), (1.2, 0, 1.0, -1, 0)],
+    "top-k and top-p, greedy rows with filters": [(0.9, 299, 0.5, -1, 0), (0.0, 5, 0.3, -1, 0)],
+    "top log-probs": [(0.8, 10, 0.9, -1, 5), (0.0, 0, 1.0, -1, 0)],
+}
+
+
+def _branch_args(rows):
+    temperature, top_k, top_p, forced, num_top = (np.array(column) for column in zip(*rows, strict=True))
+    host = (temperature.astype(np.float32), top_k.astype(np.int32), top_p.astype(np.float32),
+            forced.astype(np.int32), num_top.astype(np.int32))
+    logits = np.random.default_rng(len(rows)).normal(size=(len(rows), BRANCH_VOCAB)).astype(np.float32) * 3
+    return host, _args(logits, host[0], host[1], host[2], position=np.arange(len(rows)) + 3, forced=host[3],
+                       num_top=host[4])
+
+
+@pytest.mark.parametrize("name", list(BRANCH_BATCHES))
+def test_branches_picked_on_the_host_give_the_cond_programs_bits(name):
+    """``SampleBranches`` leaves the conds out of the program (on a GPU each one waits for the device); the
+    host must pick exactly the branches the conds take, and the outputs must be the same bits."""
+    host, args = _branch_args(BRANCH_BATCHES[name])
+    branches = branches_for(*host, vocab_size=BRANCH_VOCAB)
+    by_cond = _sample(*args)
+    by_host = jax.jit(functools.partial(sample_tokens, branches=branches))(*args)
+    for field, expected, got in zip(Sampled._fields, by_cond, by_host, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected), err_msg=field)
+
+
+def test_the_host_reads_the_branches_off_the_rows():
+    def picked(name):
+        host, _ = _branch_args(BRANCH_BATCHES[name])
+        return branches_for(*host, vocab_size=BRANCH_VOCAB)
+
+    greedy = SampleBranches(False, False, False, False)
+    assert picked("greedy") == picked("greedy, one forced") == picked("sampled but forced") == greedy
+    assert picked("temperature") == SampleBranches(True, False, False, False)  # 1e-5 is GREEDY_BELOW
+    assert picked("top-k of the whole vocabulary is no filter") == SampleBranches(True, False, False, False)
+    assert picked("top-k") == SampleBranches(True, True, False, False)
+    assert picked("top-p") == SampleBranches(True, False, True, False)
+    assert picked("top-k and top-p, greedy rows with filters") == SampleBranches(True, True, True, False)
+    assert picked("top log-probs") == SampleBranches(True, True, True, True)
+    # A filter on a greedy row alone runs no search: greedy batches take argmax only.
+    host, _ = _branch_args([(0.0, 5, 0.3, -1, 0)])
+    assert branches_for(*host, vocab_size=BRANCH_VOCAB) == greedy
+
+
+def test_a_sampler_with_host_picked_branches_matches_the_one_program_sampler():
+    """The replica's ``Sampler`` compiles the cond-free programs besides the general one when asked (the GPU
+    default), routes each batch to the program of its branches, and samples the same tokens."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",))
+    samplers = {on_host: Sampler(mesh, BRANCH_VOCAB, (4,), branches_on_host=on_host)
+                for on_host in (False, True)}
+    for on_host, sampler in samplers.items():
+        tasks = sampler.compile_tasks("test")
+        assert len(tasks) == (1 + len(PICKED_ON_HOST) if on_host else 1)
+        for _, compile_program in tasks:
+            compile_program()
+    for name, batch in BRANCH_BATCHES.items():
+        rows = [SamplingRow(t, k, p, seed, n) for seed, (t, k, p, _, n) in enumerate(batch)]
+        forced = [f for *_, f, _ in batch]
+        logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, BRANCH_VOCAB)), jnp.float32)
+        general, picked = (np.asarray(samplers[on_host](logits, rows, [9] * len(rows), forced).tokens)
+                           for on_host in (False, True))
+        np.testing.assert_array_equal(picked, general, err_msg=name)
+
+
+def _control_flow_on_data(module: str) -> list[str]:
+    """The ``stablehlo.if``/``case``/``while`` ops of a module that XLA cannot fold away. A
+    ``lax.platform_dependent`` lowers to a ``case`` on a constant (which returns the platform's branch
+    index, a constant too) and a ``case`` on that: both fold, so a case on a constant counts as one."""
+    constants, found = set(), []
+    for line in module.splitlines():
+        if match := re.match(r"\s*(%[\w#]+) = stablehlo\.constant", line):
+            constants.add(match[1])
+        elif match := re.match(r'\s*(%[\w#:]+) = "?stablehlo\.(if|case|while)"?\((%[\w#]+)', line):
+            result, op, operand = match.groups()
+            if op != "while" and operand in constants:
+                constants.add(result)
+            else:
+                found.append(f"{op}({operand})")
+    return found
+
+
+@pytest.mark.parametrize("branches", [None, *PICKED_ON_HOST])
+def test_host_picked_programs_lower_for_a_gpu_with_no_cond_or_loop(branches):
+    """Lowered for CUDA (from this CPU), the programs a GPU replica runs for greedy, sampled and filtered
+    batches branch on no data and loop on nothing (each would be a host round trip on the GPU); the
+    general program keeps its conds."""
+    _, args = _branch_args(BRANCH_BATCHES["top-k"])
+    fn = jax.jit(functools.partial(sample_tokens, branches=branches))
+    found = _control_flow_on_data(jax.export.export(fn, platforms=["cuda"])(*args).mlir_module())
+    if branches is None:
+        assert found
+    else:
+        assert found == []
