@@ -12,6 +12,7 @@ and greedy continuations.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -199,10 +200,13 @@ def test_bad_chunks_and_cached_prefixes_are_refused(replicas):
         prefill.run_batch([PromptInput(list(range(16)), GREEDY_TOP, cached_tokens=16)])
 
 
-def test_paged_chunk_attention_reads_only_its_live_pages():
+@pytest.mark.parametrize("every_block", [False, True], ids=["live blocks", "every block (CUDA)"])
+def test_paged_chunk_attention_reads_only_its_live_pages(every_block):
     """Over pools where every page but the sequence's holds NaN, and the sequence's last page holds NaN
     past its live positions, the paged recurrence equals the dense one over the same keys: pages past
-    ``end`` are never weighted, and their values are zeroed before they meet a zero weight."""
+    ``end`` are never weighted, and their values are zeroed before they meet a zero weight. The same when
+    the loop visits every block of the table, as on a CUDA GPU (a known trip count: no host round trip per
+    block), where the NaN blocks past ``end`` are visited too."""
     rng = np.random.default_rng(5)
     kv_heads, page_size, head_dim, start, n = 2, 8, 16, 13, 9  # positions 13..21, pages 0..2 of the row
     k_pages = np.full((kv_heads, 12, page_size, head_dim), np.nan, np.float32)
@@ -216,8 +220,46 @@ def test_paged_chunk_attention_reads_only_its_live_pages():
     k_pages[:, 9, 6:] = v_pages[:, 9, 6:] = np.nan  # position 22 on: not written yet
     q = rng.standard_normal((16, 4, head_dim)).astype(np.float32)  # 9 real queries, 7 padding
     got = paged_chunk_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(row),
-                                jnp.int32(start), jnp.int32(start + n), pages_per_block=2, window=6)
+                                jnp.int32(start), jnp.int32(start + n), pages_per_block=2, window=6,
+                                every_block=every_block)
     want = chunk_attention(jnp.asarray(q[:n]), jnp.asarray(dense_k), jnp.asarray(dense_v), jnp.int32(start),
                            block=8, window=6)
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got[:n], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_visiting_every_block_gives_the_live_blocks_result(window):
+    """``chunk_attention`` over a buffer of eight 8-token blocks for chunks at its start, middle and end:
+    visiting every block (CUDA's loop) equals visiting the live ones, since a dead block's weights are
+    exact zeros that leave the running max, sum and accumulator as they were."""
+    rng = np.random.default_rng(11)
+    k_buf, v_buf = (jnp.asarray(rng.standard_normal((64, 2, 16)), jnp.float32) for _ in range(2))
+    for start in (0, 24, 56):
+        q = jnp.asarray(rng.standard_normal((8, 4, 16)), jnp.float32)
+        live, every = (chunk_attention(q, k_buf, v_buf, jnp.int32(start), block=8, window=window,
+                                       every_block=every_block) for every_block in (False, True))
+        np.testing.assert_array_equal(np.asarray(every), np.asarray(live), err_msg=f"start {start}")
+
+
+def _loops_of_unknown_trip_count(module: str) -> int:
+    """``stablehlo.while`` loops whose condition compares the counter with anything but a constant: on a
+    GPU, XLA runs those by reading the predicate on the host every iteration."""
+    constants = set(re.findall(r"^\s*(%[\w#]+) = stablehlo\.constant", module, re.M))
+    loop_bound = r"stablehlo\.while.*\n\s*cond \{\n\s*%[\w#]+ = stablehlo\.compare\s+LT, %[\w#]+, (%[\w#]+)"
+    bounds = re.findall(loop_bound, module)
+    assert bounds or "stablehlo.while" not in module
+    return sum(bound not in constants for bound in bounds)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "cpu"])
+def test_chunk_attention_loops_a_known_trip_count_on_cuda_only(platform):
+    """Lowered for CUDA, the dense and paged chunk attention loop over every block (a constant bound, which
+    XLA runs without the host); for the CPU, over the live blocks (a bound computed from the chunk)."""
+    q, buf = jnp.zeros((8, 4, 16)), jnp.zeros((64, 2, 16))
+    pages, row = jnp.zeros((2, 8, 8, 16)), jnp.zeros((8,), jnp.int32)
+    dense = jax.jit(lambda q, k, v, s: chunk_attention(q, k, v, s, block=8))
+    paged = jax.jit(lambda q, k, v, r, s: paged_chunk_attention(q, k, v, r, s, s + 8, pages_per_block=2))
+    for fn, args in ((dense, (q, buf, buf, jnp.int32(0))), (paged, (q, pages, pages, row, jnp.int32(0)))):
+        module = jax.export.export(fn, platforms=[platform])(*args).mlir_module()
+        assert _loops_of_unknown_trip_count(module) == (0 if platform == "cuda" else 1)
