@@ -137,17 +137,15 @@ class LocalPrefill:
     def _run(
         self, pools: KVPools, chunks: Sequence[LocalChunk], rows: int, length: int
     ) -> tuple[KVPools, Sampled]:
-        tokens = np.zeros((rows, length), np.int32)
-        starts = np.zeros((rows,), np.int32)
-        lengths = np.zeros((rows,), np.int32)  # padding rows: no real token, every page the scratch page
-        table = np.full((rows, self.table_width), SCRATCH_PAGE, np.int32)
+        # One host array per call: tokens | start | length | page table (programs.packed_local_prefill_fn).
+        # Padding rows: no real token (length 0), every page the scratch page.
+        inputs = np.zeros((rows, length + 2 + self.table_width), np.int32)
+        inputs[:, length + 2 :] = SCRATCH_PAGE
         for row, chunk in enumerate(chunks):
-            tokens[row, : len(chunk.token_ids)] = chunk.token_ids
-            starts[row], lengths[row] = chunk.start, len(chunk.token_ids)
-            table[row, : len(chunk.pages)] = chunk.pages
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        args = (jax.device_put(x, replicated) for x in (tokens, starts, lengths, table))
-        logits, pools = self._compiled[rows, length](self._state, pools, *args)
-        positions = [c.start + len(c.token_ids) for c in chunks]  # each sampled token's position
+            inputs[row, : len(chunk.token_ids)] = chunk.token_ids
+            inputs[row, length], inputs[row, length + 1] = chunk.start, len(chunk.token_ids)
+            inputs[row, length + 2 : length + 2 + len(chunk.pages)] = chunk.pages
+        call_inputs = jax.device_put(inputs, NamedSharding(self.mesh, PartitionSpec()))
+        logits, pools, positions = self._compiled[rows, length](self._state, pools, call_inputs)
         sampled = self._sample(logits, [c.sampling for c in chunks], positions, [c.forced for c in chunks])
         return pools, sampled
