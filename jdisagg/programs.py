@@ -350,18 +350,27 @@ def compile_sample(
     """The sampler as a program of its own, compiled per batch bucket only: prefill and decode hand it their
     logits on device, so it is not compiled again into every (batch, page-table width) decode program.
     ``branches``: built for batches that need exactly those parts, with no ``lax.cond`` (``SampleBranches``);
-    None: one program for every batch."""
+    None: one program for every batch. Takes ``packed_sample_fn``'s arguments."""
     specs = (
         _spec((batch, vocab), jnp.float32, mesh),  # logits
-        _spec((batch,), jnp.float32, mesh),  # temperature
-        _spec((batch,), jnp.int32, mesh),  # top_k
-        _spec((batch,), jnp.float32, mesh),  # top_p
-        _spec((batch,), jnp.uint32, mesh),  # seeds
+        _spec((2, batch), jnp.float32, mesh),  # temperature, top_p
+        _spec((4, batch), jnp.int32, mesh),  # top_k, seeds (their bits), forced, num_top
         _spec((batch,), jnp.int32, mesh),  # positions
-        _spec((batch,), jnp.int32, mesh),  # forced
-        _spec((batch,), jnp.int32, mesh),  # num_top
     )
     return jax.jit(_sample_fn(branches), out_shardings=NamedSharding(mesh, P())).lower(*specs).compile()
+
+
+def packed_sample_fn(
+    branches: SampleBranches | None, logits: jax.Array, floats: jax.Array, ints: jax.Array,
+    positions: jax.Array,
+) -> Sampled:
+    """``sample_tokens`` with its per-row settings in two arrays, ``floats`` ``[2, B]`` (temperature,
+    top_p) and ``ints`` ``[4, B]`` (top_k, the seeds' uint32 bits as int32, forced, num_top): a new batch
+    composition uploads two host arrays, not six (each a staged copy the decode thread waits for on a
+    GPU). ``positions`` arrive separately, from the decode program or the host."""
+    seeds = jax.lax.bitcast_convert_type(ints[1], jnp.uint32)
+    return sample_tokens(logits, floats[0], ints[0], floats[1], seeds, positions, ints[2], ints[3],
+                         branches=branches)
 
 
 @functools.cache
@@ -369,7 +378,7 @@ def _sample_fn(branches: SampleBranches | None) -> Callable[..., Sampled]:
     """One function object per ``branches``: JAX keys its in-memory trace and compile caches on the
     function, so replicas on the same devices (a colocated engine's prefill and decode) share one
     compiled sample program per batch instead of compiling it again."""
-    return functools.partial(sample_tokens, branches=branches)
+    return functools.partial(packed_sample_fn, branches)
 
 
 def compile_prefill(

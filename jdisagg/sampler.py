@@ -75,7 +75,8 @@ class Sampler:
         """Dispatch sampling of ``logits`` ``[batch, V]`` (on device) for ``rows``; padding rows: greedy.
 
         Only the positions change from one steady-state step to the next, so the other per-row inputs are
-        uploaded once per batch composition and reused while it lasts (with the program picked for them);
+        uploaded once per batch composition, as two arrays, and reused while it lasts (with the program
+        picked for them);
         ``positions`` may already be on device, ``[batch]`` (the decode program computes them), and then
         nothing is uploaded.
         """
@@ -92,17 +93,16 @@ class Sampler:
                 np.array(list(forced) + [-1] * pad, np.int32),
                 np.array([r.num_top for r in rows] + [0] * pad, np.int32),
             )
-            temperature, top_k, top_p, _, forced_ids, num_top = host
+            temperature, top_k, top_p, seeds, forced_ids, num_top = host
             branches = branches_for(temperature, top_k, top_p, forced_ids, num_top, self.vocab_size)
             if branches not in self.variants:
                 branches = None
-            on_device = tuple(_put(mesh, x) for x in host)
+            floats = np.stack([temperature, top_p])  # the layout programs.packed_sample_fn unpacks
+            ints = np.stack([top_k, seeds.view(np.int32), forced_ids, num_top])
+            on_device = (_put(mesh, floats), _put(mesh, ints))
             self._rows = (key, on_device, branches)
-        temperature, top_k, top_p, seeds, forced_ids, num_top = on_device
         if isinstance(positions, jax.Array):
             positions_ids = positions
         else:
             positions_ids = _put(mesh, np.array(list(positions) + [0] * pad, np.int32))
-        return self._compiled[batch, branches](
-            logits, temperature, top_k, top_p, seeds, positions_ids, forced_ids, num_top
-        )
+        return self._compiled[batch, branches](logits, *on_device, positions_ids)
