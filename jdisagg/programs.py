@@ -195,26 +195,16 @@ def decode_fn(
 
 
 def packed_decode_fn(
-    graphdef: nnx.GraphDef,
-    mesh: Mesh,
-    page_size: int,
-    stored_heads: int,
-    scale: float,
-    backend: str | None,
-    state: Any,
-    pools: KVPools,
-    tokens: jax.Array,
+    decode: Callable[..., tuple[jax.Array, KVPools]], state: Any, pools: KVPools, tokens: jax.Array,
     step_inputs: jax.Array,
 ) -> tuple[jax.Array, KVPools, jax.Array]:
-    """``decode_fn`` with its per-step host inputs in one array, ``step_inputs`` ``[B, 1 + W]`` int32:
-    column 0 each row's position, the rest its page table. A step then costs one host-to-device copy, not
-    one per input: on a GPU each ``jax.device_put`` of a host array is a staged copy the decode thread
-    waits for. Also returns ``positions + 1``, the positions the sampler seeds its rows with, so sampling
-    needs no upload of its own."""
-    positions, page_table = step_inputs[:, 0], step_inputs[:, 1:]
-    logits, pools = decode_fn(
-        graphdef, mesh, page_size, stored_heads, scale, backend, state, pools, tokens, positions, page_table
-    )
+    """``decode`` (``decode_fn`` with its static arguments bound) with its per-step host inputs in one
+    array, ``step_inputs`` ``[B, 1 + W]`` int32: column 0 each row's position, the rest its page table. A
+    step then costs one host-to-device copy, not one per input: on a GPU each ``jax.device_put`` of a host
+    array is a staged copy the decode thread waits for. Also returns ``positions + 1``, the positions the
+    sampler seeds its rows with, so sampling needs no upload of its own."""
+    positions = step_inputs[:, 0]
+    logits, pools = decode(state, pools, tokens, positions, step_inputs[:, 1:])
     return logits, pools, positions + 1
 
 
@@ -289,25 +279,16 @@ def local_prefill_fn(
 
 
 def packed_local_prefill_fn(
-    graphdef: nnx.GraphDef,
-    mesh: Mesh,
-    page_size: int,
-    stored_heads: int,
-    pages_per_block: int,
-    chunk: int,
-    state: Any,
-    pools: KVPools,
+    prefill: Callable[..., tuple[jax.Array, KVPools]], chunk: int, state: Any, pools: KVPools,
     call_inputs: jax.Array,
 ) -> tuple[jax.Array, KVPools, jax.Array]:
-    """``local_prefill_fn`` with its host inputs in one array, ``call_inputs`` ``[N, chunk + 2 + W]`` int32:
-    each row's tokens, start, length and page table, so a call costs one host-to-device copy, not four
-    (see ``packed_decode_fn``). Also returns ``starts + lengths``, the position each row's sampled token
-    takes, so the sampler needs no upload either."""
-    tokens, starts, lengths = call_inputs[:, :chunk], call_inputs[:, chunk], call_inputs[:, chunk + 1]
-    logits, pools = local_prefill_fn(
-        graphdef, mesh, page_size, stored_heads, pages_per_block, state, pools, tokens, starts, lengths,
-        call_inputs[:, chunk + 2 :],
-    )
+    """``prefill`` (``local_prefill_fn`` with its static arguments bound) with its host inputs in one
+    array, ``call_inputs`` ``[N, chunk + 2 + W]`` int32: each row's tokens, start, length and page table,
+    so a call costs one host-to-device copy, not four (see ``packed_decode_fn``). Also returns ``starts +
+    lengths``, the position each row's sampled token takes, so the sampler needs no upload either."""
+    starts, lengths = call_inputs[:, chunk], call_inputs[:, chunk + 1]
+    tokens, page_table = call_inputs[:, :chunk], call_inputs[:, chunk + 2 :]
+    logits, pools = prefill(state, pools, tokens, starts, lengths, page_table)
     return logits, pools, starts + lengths
 
 
@@ -530,7 +511,10 @@ def compile_decode(
 ) -> jax.stages.Compiled:
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
-        functools.partial(packed_decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
+        functools.partial(
+            packed_decode_fn,
+            functools.partial(decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
+        ),
         out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools], replicated),
         donate_argnums=(1,),
     )
@@ -559,8 +543,11 @@ def compile_local_prefill(
     pages at a time; the pools are donated, as decode's."""
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(
-        functools.partial(packed_local_prefill_fn, graphdef, mesh, page_size, stored_heads, pages_per_block,
-                          chunk),
+        functools.partial(
+            packed_local_prefill_fn,
+            functools.partial(local_prefill_fn, graphdef, mesh, page_size, stored_heads, pages_per_block),
+            chunk,
+        ),
         out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools], replicated),
         donate_argnums=(1,),
     )

@@ -231,8 +231,9 @@ class DecodeReplica:
         n = len(positions)
         batch = bucket_for(n, self.batch_buckets)
         width = bucket_for(max(len(p) for p in pages), self.page_buckets)
-        step_inputs = np.full((batch, 1 + width), SCRATCH_PAGE, np.int32)  # positions | page table
-        step_inputs[:, 0] = 0  # padding rows: position 0, every page the scratch page
+        # positions | page table; padding rows: position 0, every page the scratch page
+        step_inputs = np.full((batch, 1 + width), SCRATCH_PAGE, np.int32)
+        step_inputs[:, 0] = 0
         step_inputs[:n, 0] = positions
         for row, seq_pages in enumerate(pages):
             step_inputs[row, 1 : 1 + len(seq_pages)] = seq_pages
