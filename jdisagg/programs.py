@@ -197,15 +197,18 @@ def decode_fn(
 def packed_decode_fn(
     decode: Callable[..., tuple[jax.Array, KVPools]], state: Any, pools: KVPools, tokens: jax.Array,
     step_inputs: jax.Array,
-) -> tuple[jax.Array, KVPools, jax.Array]:
+) -> tuple[jax.Array, KVPools, jax.Array, jax.Array]:
     """``decode`` (``decode_fn`` with its static arguments bound) with its per-step host inputs in one
     array, ``step_inputs`` ``[B, 1 + W]`` int32: column 0 each row's position, the rest its page table. A
-    step then costs one host-to-device copy, not one per input: on a GPU each ``jax.device_put`` of a host
-    array is a staged copy the decode thread waits for. Also returns ``positions + 1``, the positions the
-    sampler seeds its rows with, so sampling needs no upload of its own."""
+    step then costs at most one host-to-device copy, not one per input: on a GPU each ``jax.device_put``
+    of a host array is a staged copy the decode thread waits for.
+
+    Also returns ``positions + 1``, the positions the sampler seeds its rows with, and the next step's
+    inputs (every position one further, the same page tables): while no row crosses into a new page, the
+    next step reads those and nothing is uploaded at all."""
     positions = step_inputs[:, 0]
     logits, pools = decode(state, pools, tokens, positions, step_inputs[:, 1:])
-    return logits, pools, positions + 1
+    return logits, pools, positions + 1, step_inputs.at[:, 0].add(1)
 
 
 def _local_attend(
@@ -515,7 +518,7 @@ def compile_decode(
             packed_decode_fn,
             functools.partial(decode_fn, graphdef, mesh, page_size, stored_heads, scale, backend),
         ),
-        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools], replicated),
+        out_shardings=(replicated, [(kp.sharding, vp.sharding) for kp, vp in pools], replicated, replicated),
         donate_argnums=(1,),
     )
     lowered = fn.lower(

@@ -6,6 +6,7 @@ loading. Heads are 8 query / 2 kv: with tp=4 the kv heads are replicated, with t
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
@@ -19,6 +20,7 @@ from jdisagg.models import ModelConfig
 from jdisagg.models.loading import init_model, load_hf_model, save_checkpoint, save_hf_safetensors
 from jdisagg.outputs import FinishReason
 from jdisagg.sampling_params import SamplingParams
+from jdisagg.stages import SWITCH_INTERVAL_S
 from jdisagg.tokenizer import ByteTokenizer
 
 MAX_CONTEXT = 128
@@ -200,6 +202,12 @@ def test_inter_token_latency_metric_observes_every_gap(engine):
     assert _metric(engine, "jdisagg_inter_token_latency_seconds_count") - count == 8
     gaps = np.diff(out.metrics.token_times).sum()
     assert _metric(engine, "jdisagg_inter_token_latency_seconds_sum") - total == pytest.approx(gaps, abs=1e-6)
+
+
+def test_a_running_engine_keeps_gil_hand_offs_short(engine):
+    """The decode thread gives up the GIL in every launch and read; at Python's default 5 ms switch
+    interval it could wait that long to get it back, several steps on a GPU."""
+    assert sys.getswitchinterval() <= SWITCH_INTERVAL_S < 0.005
 
 
 def test_queue_depth_metric_counts_waiting_requests(engine):

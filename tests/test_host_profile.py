@@ -33,7 +33,9 @@ def test_sampler_attributes_a_threads_time_to_the_function_it_runs():
 
     total = sampler.samples["decode-test"]
     assert total >= 50
-    assert "MainThread" not in sampler.samples  # the thread that drives the run is not profiled
+    # The caller's thread is sampled too (in the engine bench it waits in generate()); the sampler's own
+    # thread is not.
+    assert sampler.samples["MainThread"] > 0 and "host-profile" not in sampler.samples
     spinning = sampler.inclusive["decode-test", "test_host_profile.py:spin_in_a_named_function"]
     assert spinning >= 0.9 * total  # a sample can land before the target starts or after it returns
     assert not any(where.endswith(":_bootstrap") for _, where in sampler.inclusive)

@@ -157,6 +157,36 @@ def test_cached_prefix_with_a_local_suffix_continues_as_the_full_prefill(replica
     assert _greedy_continuation(replica, int(got.tokens[0]), 45, pages, 12) == expected
 
 
+def test_chained_steps_upload_step_inputs_only_when_a_table_grows(replicas, monkeypatch):
+    """Each decode step computes its successor's inputs on device (positions + 1, the same tables), so
+    chained steps upload positions and page tables only when a row's table grows by a page, here at
+    positions 45, 48 and 56 of 12 steps, and continue exactly as steps that upload every time."""
+    import jdisagg.replicas
+
+    prefill, decode = replicas
+    replica = decode["tp2"]
+    prompt = _prompt(45, seed=6)
+    pages = [1, 2, 3, 4, 5, 6, 7, 8]
+    first, _ = _handoff(prefill, replica, PromptInput(prompt, GREEDY_TOP), pages)
+
+    def chained(fresh_every_step: bool) -> list[int]:
+        step, tokens = [int(first[0][0])], []
+        for position in range(45, 57):
+            if fresh_every_step:
+                replica._next_host_inputs = None  # forget the successor: upload this step's inputs
+            step = replica.dispatch(step, [position], [pages[: position // PAGE + 1]], [GREEDY_TOP], [-1])
+            tokens.append(int(replica.collect(step).tokens[0]))
+        return tokens
+
+    expected = chained(fresh_every_step=True)
+    uploads = []
+    put = jdisagg.replicas._put
+    monkeypatch.setattr(jdisagg.replicas, "_put", lambda mesh, a: uploads.append(a.copy()) or put(mesh, a))
+    assert chained(fresh_every_step=False) == expected
+    step_inputs = [a for a in uploads if a.ndim == 2 and a.shape[1] > 1]  # [B, 1 + W]; not the token ids
+    assert [int(a[0, 0]) for a in step_inputs] == [45, 48, 56]
+
+
 @pytest.mark.parametrize(("length", "cached", "moved"), [
     (28, 16, 16),  # a short prompt (bucket 32): its 12-token suffix moves as one 16-token piece
     (50, 8, 48),  # a chunked prompt (two 32-token pieces): re-cut at 8 into pieces of 32 and 16 tokens

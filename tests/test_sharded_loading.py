@@ -62,8 +62,13 @@ def _live_bytes(collect: bool = True) -> dict[jax.Device, int]:
         gc.collect()
     buffers: dict[tuple[jax.Device, int], int] = {}
     for array in jax.live_arrays():
-        for shard in array.addressable_shards:
-            buffers[shard.device, shard.data.unsafe_buffer_pointer()] = shard.data.nbytes
+        try:
+            shards = [(shard.device, shard.data.unsafe_buffer_pointer(), shard.data.nbytes)
+                      for shard in array.addressable_shards]
+        except RuntimeError:  # deleted by another thread while listed (a donated or dropped buffer): gone
+            continue
+        for device, pointer, nbytes in shards:
+            buffers[device, pointer] = nbytes
     per_device: dict[jax.Device, int] = {}
     for (device, _), nbytes in buffers.items():
         per_device[device] = per_device.get(device, 0) + nbytes
@@ -135,10 +140,15 @@ def test_engine_load_stays_within_bound_and_outputs_are_unchanged(checkpoint):
     pages = 2 * (MAX_CONTEXT // 16) + 1
     kv_bytes = 2 * CONFIG.num_layers * pages * 16 * CONFIG.num_kv_heads * CONFIG.head_dim * 4  # all heads
 
+    failures = []
+
     def poll():
-        while not done.wait(0.01):
-            for device, nbytes in _live_bytes(collect=False).items():
-                peaks[device] = max(peaks.get(device, 0), nbytes)
+        try:
+            while not done.wait(0.01):
+                for device, nbytes in _live_bytes(collect=False).items():
+                    peaks[device] = max(peaks.get(device, 0), nbytes)
+        except Exception as exc:  # noqa: BLE001 - a poller that died would leave the peaks unchecked
+            failures.append(exc)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
@@ -148,6 +158,7 @@ def test_engine_load_stays_within_bound_and_outputs_are_unchanged(checkpoint):
     finally:
         done.set()
         poller.join()
+    assert not failures, failures
     prompts = [np.random.default_rng(i).integers(0, CONFIG.vocab_size, n).tolist()
                for i, n in enumerate((5, 20))]
     params = SamplingParams(max_tokens=8)

@@ -555,7 +555,9 @@ def host_overhead(args) -> list[dict]:
     if args.profile_host:
         profiler.stop()
         print("where the stage threads spent the measured generate (stack samples):")
-        print(profiler.report([name for name in profiler.samples if name.startswith("decode")]))
+        # the decode loop, the thread that streams its tokens out, and the caller waiting in generate()
+        threads = [n for n in profiler.samples if n.startswith(("decode", "output", "MainThread"))]
+        print(profiler.report(threads))
     return [{"batch": args.batch, "device_step_ms": 1e3 * device_step, "engine_tpot_ms": 1e3 * tpot,
              "ratio": tpot / device_step}]
 
@@ -653,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--output-len", type=int, default=128)
     h.add_argument("--context", type=int, default=256)
     h.add_argument("--profile-host", action="store_true",
-                   help="also sample the decode threads' stacks in the measured run (tools/host_profile.py)")
+                   help="also sample the decode, output and main threads' stacks in the measured run "
+                        "(tools/host_profile.py)")
     for sp in (p, h):
         sp.add_argument("--attention-backend", default=None,
                         help="the Engine's paged-attention backend (default: by platform; 'reference': XLA)")

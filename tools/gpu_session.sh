@@ -9,10 +9,10 @@
 #      a stack-sampled profile of the decode thread (tools/host_profile.py);
 #   5. the Engine against the plain jitted JAX loop at Llama-3-8B shape, random bf16 weights, batch 1 and 16
 #      (tools/bench_engine.py peers; HF is left out: 16 GB of safetensors to write first).
-# On the H200 (2026-11-27) steps 3-5 took 115, 97 and 253 s: all five need more than one device call's 10
-# minutes, so pick them with STEPS (default: all, in the order above), e.g. STEPS="sampling overhead
-# peers" in one call. Each step has its own time limit, so a hang costs only its share; logs and JSON land
-# in $OUT (the device tool's folder that comes back) or ./gpu-out. CONFIG and KERNEL_SHAPES shrink it for
+# On the H200 (2026-11-27, two runs) steps 3-5 took 115-132, 97-109 and 253-303 s: all five need more
+# than one device call's 10 minutes, so pick them with STEPS (default: all, in the order above), e.g.
+# STEPS="sampling overhead peers" in one call. Each step has its own time limit, so a hang costs only its
+# share; logs and JSON land in $OUT (the device tool's folder that comes back) or ./gpu-out. CONFIG and KERNEL_SHAPES shrink it for
 # a CPU smoke run:
 #   CONFIG=llama-124m KERNEL_SHAPES=small OUT=/tmp/gpu-out bash tools/gpu_session.sh
 set -u

@@ -20,7 +20,7 @@ _THREAD_START = {"_bootstrap", "_bootstrap_inner", "run"}  # on every thread's s
 
 
 class ThreadSampler:
-    """Samples the stacks of every thread but the main one and its own, between ``start`` and ``stop``."""
+    """Samples the stacks of every thread but its own, between ``start`` and ``stop``."""
 
     def __init__(self, interval: float = 0.0005) -> None:
         self.interval = interval
@@ -38,14 +38,14 @@ class ThreadSampler:
         self._active.clear()
 
     def _run(self) -> None:
-        own, main = threading.get_ident(), threading.main_thread().ident
+        own = threading.get_ident()
         while True:
             time.sleep(self.interval)
             if not self._active.is_set():
                 continue
             names = {t.ident: t.name for t in threading.enumerate()}
             for ident, frame in sys._current_frames().items():
-                if ident in (own, main):
+                if ident == own:
                     continue
                 name = names.get(ident, str(ident))
                 self.samples[name] += 1
