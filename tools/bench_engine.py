@@ -451,20 +451,61 @@ def prefill_throughput(args) -> list[dict]:
     reference = timings.get("HF transformers")
     alone = timings["jdisagg one at a time"]
     tokens = args.batch * args.prompt_len
-    print(f"\nprefill of {args.batch} x {args.prompt_len} tokens ({args.config}, {args.dtype})")
-    print(f"{'system':24} {'ms':>9} {'prompt tok/s':>13} {'vs HF':>7} {'vs one at a time':>17}")
+    floor, flops = matmul_floor(config, tokens, args.repeats)
+    print(f"\nprefill of {args.batch} x {args.prompt_len} tokens ({args.config}, {args.dtype}); the model's "
+          f"matmuls alone: {1e3 * floor:.1f} ms ({flops / 1e9:.0f} GFLOP, {flops / floor / 1e9:.0f} GFLOP/s)")
+    print(f"{'system':24} {'ms':>9} {'prompt tok/s':>13} {'vs HF':>7} {'vs one at a time':>17} "
+          f"{'matmuls / ms':>13}")
     rows = []
     for name, seconds in timings.items():
         vs_hf = reference / seconds if reference else None
-        print(f"{name:24} {1e3 * seconds:9.1f} {tokens / seconds:13.1f} "
-              f"{'' if vs_hf is None else f'{vs_hf:6.2f}x':>7} {alone / seconds:16.2f}x")
+        hf_ratio = "" if vs_hf is None else f"{vs_hf:6.2f}x"
+        print(f"{name:24} {1e3 * seconds:9.1f} {tokens / seconds:13.1f} {hf_ratio:>7} "
+              f"{alone / seconds:16.2f}x {floor / seconds:12.0%}")
         rows.append({"system": name, "batch": args.batch, "prompt_len": args.prompt_len, "ms": 1e3 * seconds,
-                     "prompt_tok_s": tokens / seconds, "vs_hf": vs_hf, "vs_one_at_a_time": alone / seconds})
+                     "prompt_tok_s": tokens / seconds, "vs_hf": vs_hf, "vs_one_at_a_time": alone / seconds,
+                     "matmul_floor_ms": 1e3 * floor, "of_matmul_floor": floor / seconds})
     same = all(t == first_tokens["jdisagg one at a time"] for t in first_tokens.values())
     print(f"greedy first tokens identical across systems: {same}")
     for row in rows:
         row["greedy_identical"] = same
     return rows
+
+
+def matmul_floor(config, tokens: int, repeats: int) -> tuple[float, float]:
+    """The hardware limit of a prefill on this machine: seconds (median of ``repeats``) and FLOPs of the
+    model's projections alone on ``tokens`` rows, every layer's q/k/v, o, gate/up and down as one jitted
+    program with nothing else (no attention, norms, rope or sampling, no lm_head: the prefill runs it on
+    one row per prompt). Every system computes at least these matmuls, so its time over this one is the
+    share of the machine's matmul rate it reaches."""
+    import jax
+
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = [(hidden, q + 2 * kv), (q, hidden), (hidden, 2 * inner), (inner, hidden)]
+    x_key, *keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
+    # N(0, 1/fan_in) keeps activations O(1) through the layers: no denormals to slow a CPU down
+    weights = [(jax.random.normal(key, shape) * shape[0] ** -0.5).astype(config.dtype)
+               for key, shape in zip(keys, shapes, strict=True)]
+    x = jax.random.normal(x_key, (tokens, hidden)).astype(config.dtype)
+
+    @jax.jit
+    def projections(x, weights):
+        qkv_w, o_w, gate_up_w, down_w = weights
+        for _ in range(config.num_layers):
+            x = (x @ qkv_w)[:, :q] @ o_w
+            gate_up = x @ gate_up_w
+            x = (gate_up[:, :inner] * gate_up[:, inner:]) @ down_w
+        return x
+
+    jax.block_until_ready(projections(x, weights))
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        jax.block_until_ready(projections(x, weights))
+        times.append(time.perf_counter() - begin)
+    flops = 2 * tokens * config.num_layers * sum(a * b for a, b in shapes)
+    return statistics.median(times), flops
 
 
 def hf_prefill(module, batch_prompts):
