@@ -45,8 +45,9 @@ log = logging.getLogger("jdisagg.engine")
 IDLE_POLL_S = 0.02
 # The interpreter's thread switch interval while engines run. A decode thread launches a step every
 # millisecond or so on a GPU and gives up the GIL inside each launch; at Python's default 5 ms it can wait
-# that long to get it back from a thread running Python (output, gRPC, HTTP). Measured on an H200 (demo
-# model, batch 8): engine TPOT 2.22 ms at 5 ms, 1.50 ms at 0.1 ms (docs/benchmarks.md).
+# that long to get it back from a thread running Python (output, gRPC, HTTP). On an H200 (demo model, batch
+# 8; not a clean A/B, docs/benchmarks.md): engine TPOT 2.22 ms at 5 ms with a stack sampler running, 1.50 ms
+# at 0.1 ms without one.
 SWITCH_INTERVAL_S = 1e-4
 T = TypeVar("T")
 
@@ -149,8 +150,9 @@ class Stages:
         now have work: the prefill threads while prompts wait (they wait on the lock for nothing else), and
         a decode thread idling on its inbox when local prefill was scheduled onto its replica.
 
-        Prefill threads are not woken when nothing waits: a decode step makes two decisions, and waking
-        them for each made the decode thread wait for the GIL back (measured: docs/benchmarks.md)."""
+        Prefill threads are not woken when nothing waits: a decode step makes two decisions, and each
+        wake-up is a thread that takes the GIL and the lock to find an empty queue, while the decode
+        thread may be waiting for both (not timed on its own)."""
         with self.lock:
             try:
                 return decide(*args)
@@ -182,15 +184,20 @@ class Stages:
             }
 
     def update_gauges(self) -> None:
+        """Page and queue gauges. The scheduler's state is read under the lock: other threads change it
+        meanwhile (a page count read mid-update raised "dictionary changed size during iteration")."""
         s, m = self.scheduler, self.metrics
-        for index, used, total, cached, shared in zip(
-            s.kv.pools, s.pages_used(), s.pages_total(), s.pages_cached(), s.pages_shared(), strict=True
-        ):
+        with self.lock:
+            pools = list(zip(
+                s.kv.pools, s.pages_used(), s.pages_total(), s.pages_cached(), s.pages_shared(), strict=True
+            ))
+            waiting = len(s.waiting)
+        for index, used, total, cached, shared in pools:
             m.pages_used.labels(str(index)).set(used)
             m.pages_total.labels(str(index)).set(total)
             m.pages_cached.labels(str(index)).set(cached)
             m.pages_shared.labels(str(index)).set(shared)
-        m.queue_depth.labels("waiting").set(len(s.waiting))
+        m.queue_depth.labels("waiting").set(waiting)
         m.queue_depth.labels("transfer").set(self.transfers.qsize())
         m.queue_depth.labels("decode_inbox").set(sum(q.qsize() for q in self.inboxes.values()))
 
