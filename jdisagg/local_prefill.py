@@ -27,12 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jdisagg.buckets import MAX_BATCH_PADDING, bucket_for
 from jdisagg.executors import CompileTask, LocalChunk, Sampled
 from jdisagg.kv_cache import KVPools
 from jdisagg.kv_manager import SCRATCH_PAGE
+from jdisagg.placement import put_replicated
 from jdisagg.programs import compile_local_prefill
 from jdisagg.sizes import ServingSizes
 
@@ -145,7 +146,7 @@ class LocalPrefill:
             inputs[row, : len(chunk.token_ids)] = chunk.token_ids
             inputs[row, length], inputs[row, length + 1] = chunk.start, len(chunk.token_ids)
             inputs[row, length + 2 : length + 2 + len(chunk.pages)] = chunk.pages
-        call_inputs = jax.device_put(inputs, NamedSharding(self.mesh, PartitionSpec()))
+        call_inputs = put_replicated(self.mesh, inputs)
         logits, pools, positions = self._compiled[rows, length](self._state, pools, call_inputs)
         sampled = self._sample(logits, [c.sampling for c in chunks], positions, [c.forced for c in chunks])
         return pools, sampled

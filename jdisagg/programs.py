@@ -206,9 +206,9 @@ def packed_decode_fn(
     Also returns ``positions + 1``, the positions the sampler seeds its rows with, and the next step's
     inputs (every position one further, the same page tables): while no row crosses into a new page, the
     next step reads those and nothing is uploaded at all."""
-    positions = step_inputs[:, 0]
-    logits, pools = decode(state, pools, tokens, positions, step_inputs[:, 1:])
-    return logits, pools, positions + 1, step_inputs.at[:, 0].add(1)
+    logits, pools = decode(state, pools, tokens, step_inputs[:, 0], step_inputs[:, 1:])
+    successor = step_inputs.at[:, 0].add(1)
+    return logits, pools, successor[:, 0], successor
 
 
 def _local_attend(

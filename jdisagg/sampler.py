@@ -76,9 +76,8 @@ class Sampler:
 
         Only the positions change from one steady-state step to the next, so the other per-row inputs are
         uploaded once per batch composition, as two arrays, and reused while it lasts (with the program
-        picked for them);
-        ``positions`` may already be on device, ``[batch]`` (the decode program computes them), and then
-        nothing is uploaded.
+        picked for them); ``positions`` may already be on device, ``[batch]`` (the decode program computes
+        them), and then nothing is uploaded.
         """
         batch, mesh = logits.shape[0], self.mesh
         pad = batch - len(rows)
